@@ -1,0 +1,46 @@
+/*
+ * main.c - the probe's sequence: console, IDT, boot_params, E820, initrd,
+ * ACPI, CPU; then "probe: PASS" (or FAIL lines), the boot-timer write and
+ * poweroff. head.S calls probe_main on our own page tables and stack.
+ */
+#include "probe.h"
+
+void probe_main(u64 zero_page, u64 load_addr);
+
+void probe_main(u64 zero_page, u64 load_addr)
+{
+	console_init();
+	pr("\nprobe: hello\n");
+	trap_init();
+	bootparams_check(zero_page, load_addr);
+
+	if (cmdline_flag("probe.quick")) {
+		/* Timing runs: the boot timer right away, then find S5 and go. */
+		boot_timer_write();
+		pr("probe: quick\n");
+		acpi_check();
+		poweroff();
+	}
+
+	e820_check();
+	initrd_check();
+	memtouch_check();
+	acpi_check();
+	cpu_check();
+
+	if (failures)
+		pr("probe: FAIL %d check(s) failed\n", failures);
+	else
+		pr("probe: PASS\n");
+
+	boot_timer_write();
+	pr("probe: boot timer written\n");
+
+	u64 ms;
+	if (cmdline_u64("probe.hold_ms", &ms) && ms) {
+		pr("probe: holding %lu ms\n", ms);
+		hold_ms(ms);
+		pr("probe: hold done\n");
+	}
+	poweroff();
+}
