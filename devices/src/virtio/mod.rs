@@ -26,6 +26,12 @@
 //! is untrusted: it may produce errors, never panics or accesses outside
 //! guest memory.
 
+pub mod mmio;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
+
+pub use mmio::MmioTransport;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
