@@ -212,9 +212,9 @@ void initrd_check(void)
 		ok = 0;
 	}
 	if (have_sum) {
-		u32 sum = fnv1a32((const void *)a, n);
-		pr("probe: initrd fnv1a32=0x%08x expected=0x%08x\n", sum, (u32)want_sum);
-		if (sum != (u32)want_sum) {
+		u64 sum = fnv1a64_words((const void *)a, n);
+		pr("probe: initrd sum=0x%016lx expected=0x%016lx\n", sum, want_sum);
+		if (sum != want_sum) {
 			fail("initrd checksum mismatch");
 			ok = 0;
 		}

@@ -3,7 +3,7 @@
  *
  *   probe.mem=MiB         expected guest memory (E820 check)
  *   probe.cpus=N          expected vCPU count (MADT check)
- *   probe.initrd_sum=HEX  FNV-1a 32 of the initrd (initrd check)
+ *   probe.initrd_sum=0xHEX FNV-1a 64 over the initrd's 64-bit words
  *   probe.initrd_size=N   expected initrd size in bytes
  *   probe.hold_ms=N       stay alive N ms before powering off (RSS bench)
  *   probe.quick=1         boot timer + poweroff right away (timing bench)

@@ -104,29 +104,16 @@ startup_64:
 	movq	%rsi, %r15			/* boot_params (physical) */
 	leaq	startup_32(%rip), %r14		/* where the loader put us */
 
-	/* Zero .bss: page tables, stack, C data. */
-	leaq	_bss_start(%rip), %rdi
+	/*
+	 * Zero C's .bss (the page tables and the stack need no zeroing; this
+	 * code is emulated instruction by instruction here: keep it short).
+	 */
+	leaq	_bss_zero_start(%rip), %rdi
 	leaq	_bss_end(%rip), %rcx
 	subq	%rdi, %rcx
 	shrq	$3, %rcx
 	xorl	%eax, %eax
 	rep stosq
-
-	/* Identity map 0..IDENT_GIB GiB, 2 MiB pages; the 3..4 GiB MMIO hole uncached. */
-	leaq	pd_ident(%rip), %rdi
-	movq	$(PTE_P | PTE_RW | PTE_PS), %rax
-	xorl	%ecx, %ecx
-1:	movq	%rax, %rdx
-	cmpl	$1536, %ecx
-	jb	2f
-	cmpl	$2048, %ecx
-	jae	2f
-	orq	$(PTE_PCD | PTE_PWT), %rdx
-2:	movq	%rdx, (%rdi, %rcx, 8)
-	addq	$0x200000, %rax
-	incl	%ecx
-	cmpl	$(IDENT_GIB * 512), %ecx
-	jb	1b
 
 	leaq	pdpt_ident(%rip), %rdi
 	leaq	pd_ident(%rip), %rax
@@ -138,15 +125,17 @@ startup_64:
 	cmpl	$IDENT_GIB, %ecx
 	jb	1b
 
-	/* Kernel mapping: PROBE_VIRT_BASE -> load address, 4 KiB pages. */
+	/* Kernel mapping: PROBE_VIRT_BASE -> load address, 4 KiB pages, as
+	 * many as init_size needs. */
 	leaq	pt_kernel(%rip), %rdi
 	movq	%r14, %rax
 	orq	$(PTE_P | PTE_RW), %rax
 	xorl	%ecx, %ecx
+	movl	$PROBE_KERNEL_PAGES, %edx
 1:	movq	%rax, (%rdi, %rcx, 8)
 	addq	$4096, %rax
 	incl	%ecx
-	cmpl	$(KERNEL_PTS * 512), %ecx
+	cmpl	%edx, %ecx
 	jb	1b
 
 	leaq	pd_kernel(%rip), %rdi
@@ -291,14 +280,38 @@ gdt_desc:
 	.word	gdt_end - gdt - 1
 	.quad	gdt
 
-	.section .bss.pagetables, "aw", @nobits
+	/*
+	 * The identity map's page directories do not depend on where we were
+	 * loaded: built by the assembler, 2 MiB pages, the 3..4 GiB MMIO hole
+	 * uncached. (Every guest instruction is emulated on this workplace's
+	 * KVM, so a loop writing 4096 entries would cost ~40 ms.)
+	 */
+	.section .data.pagetables, "aw"
 	.align	4096
+pd_ident:
+	.set	i, 0
+	.rept	IDENT_GIB * 512
+	.if	(i >= 1536) && (i < 2048)
+	.quad	(i << 21) | PTE_P | PTE_RW | PTE_PS | PTE_PCD | PTE_PWT
+	.else
+	.quad	(i << 21) | PTE_P | PTE_RW | PTE_PS
+	.endif
+	.set	i, i + 1
+	.endr
+	/* Mostly-empty upper levels: zeros from the image, a few entries set at entry. */
 pml4:		.skip	4096
 pdpt_ident:	.skip	4096
-pd_ident:	.skip	4096 * IDENT_GIB
 pdpt_kernel:	.skip	4096
 pd_kernel:	.skip	4096
+
+	/* Written before use (only the entries init_size needs): not zeroed. */
+	.section .bss.pagetables, "aw", @nobits
+	.align	4096
 pt_kernel:	.skip	4096 * KERNEL_PTS
-	.align	16
 stack:		.skip	16384
 stack_top:
+	/* Zeroed at entry: C's .bss follows. */
+	.section .bss.zeroed, "aw", @nobits
+	.align	4096
+	.globl	_bss_zero_start
+_bss_zero_start:

@@ -9,14 +9,24 @@ void probe_main(u64 zero_page, u64 load_addr);
 
 void probe_main(u64 zero_page, u64 load_addr)
 {
+	/* Timing runs (probe.quick=1): the boot timer as soon as C runs. */
+	int quick = 0;
+	if (zero_page && zero_page < IDENT_LIMIT) {
+		u64 cl = *(volatile u32 *)(zero_page + 0x228);
+		if (cl) {
+			cmdline_set((const char *)cl);
+			quick = cmdline_flag("probe.quick");
+		}
+	}
+	if (quick)
+		boot_timer_write();
+
 	console_init();
 	pr("\nprobe: hello\n");
 	trap_init();
 	bootparams_check(zero_page, load_addr);
 
-	if (cmdline_flag("probe.quick")) {
-		/* Timing runs: the boot timer right away, then find S5 and go. */
-		boot_timer_write();
+	if (quick) {
 		pr("probe: quick\n");
 		acpi_check();
 		poweroff();

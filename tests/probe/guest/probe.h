@@ -58,7 +58,7 @@ int memcmp(const void *a, const void *b, usize n);
 usize strlen(const char *s);
 int strncmp(const char *a, const char *b, usize n);
 u8 sum8(const void *p, usize n);
-u32 fnv1a32(const void *p, usize n);
+u64 fnv1a64_words(const void *p, usize n);
 
 /* ---- console.c: 8250 serial at 0x3f8 ---- */
 void console_init(void);

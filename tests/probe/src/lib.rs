@@ -3,8 +3,8 @@
 //! Linux boot path from inside a VM and reports on the 8250 serial port.
 //!
 //! Command-line switches the guest understands (see `guest/cmdline.c`):
-//! `probe.mem=MiB`, `probe.cpus=N`, `probe.initrd_sum=0xHEX` (FNV-1a 32, see
-//! [`fnv1a32`]), `probe.initrd_size=N`, `probe.hold_ms=N`, `probe.quick=1`.
+//! `probe.mem=MiB`, `probe.cpus=N`, `probe.initrd_sum=0xHEX` (see
+//! [`initrd_sum`]), `probe.initrd_size=N`, `probe.hold_ms=N`, `probe.quick=1`.
 
 /// Path of the built probe bzImage.
 pub const BZIMAGE: &str = concat!(env!("OUT_DIR"), "/probe.bzImage");
@@ -12,10 +12,14 @@ pub const BZIMAGE: &str = concat!(env!("OUT_DIR"), "/probe.bzImage");
 /// Path of the linked probe ELF (for disassembly and debugging).
 pub const ELF: &str = concat!(env!("OUT_DIR"), "/probe.elf");
 
-/// FNV-1a, 32 bit: the checksum the probe computes over the initrd.
-pub fn fnv1a32(data: &[u8]) -> u32 {
-    data.iter()
-        .fold(0x811c_9dc5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+/// The checksum the probe computes over the initrd (`probe.initrd_sum=`):
+/// FNV-1a 64 over little-endian 64-bit words, the tail zero-padded.
+pub fn initrd_sum(data: &[u8]) -> u64 {
+    data.chunks(8).fold(0xcbf2_9ce4_8422_2325u64, |h, chunk| {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        (h ^ u64::from_le_bytes(w)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -39,8 +43,9 @@ mod tests {
     }
 
     #[test]
-    fn fnv1a32_known_values() {
-        assert_eq!(fnv1a32(b""), 0x811c_9dc5);
-        assert_eq!(fnv1a32(b"a"), 0xe40c_292c);
+    fn initrd_sum_pads_the_tail() {
+        assert_eq!(initrd_sum(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(initrd_sum(b"a"), initrd_sum(b"a\0\0\0\0\0\0\0"));
+        assert_ne!(initrd_sum(b"ab"), initrd_sum(b"ba"));
     }
 }
