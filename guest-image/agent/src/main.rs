@@ -1,1 +1,159 @@
-fn main() {}
+//! b2p-agent: the guest agent. Serves varlink (`org.varlink.service`,
+//! `io.podman`, `io.b2p.Machine`) on vsock port 1024 and forwards vsock port
+//! 1025 to Podman's REST socket; for tests, the same on Unix sockets.
+
+mod dispatch;
+mod forward;
+mod idl;
+mod machine;
+mod podman;
+mod protocol;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use log::info;
+use tokio::signal::unix::{signal, SignalKind};
+
+use dispatch::Agent;
+use machine::{Machine, MachineConfig};
+use podman::rest::PodmanService;
+use podman::Podman;
+
+/// The b2p guest agent: varlink for io.podman and io.b2p.Machine, and a
+/// forwarder to Podman's REST API.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// vsock port for varlink (default 1024 when no --unix is given).
+    #[arg(long)]
+    vsock_port: Option<u32>,
+    /// vsock port forwarded to Podman's REST socket (default 1025 when no
+    /// --unix is given).
+    #[arg(long)]
+    forward_port: Option<u32>,
+    /// Serve varlink on this Unix socket path.
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// Forward connections on this Unix socket path to Podman's REST socket.
+    #[arg(long, value_name = "PATH")]
+    forward_unix: Option<PathBuf>,
+    /// Podman's REST socket.
+    #[arg(long, default_value = "/run/podman/podman.sock")]
+    podman_socket: PathBuf,
+    /// The podman binary that starts the REST service when it does not answer.
+    #[arg(long, default_value = "podman")]
+    podman_bin: PathBuf,
+    /// Never start the REST service; only use a running one.
+    #[arg(long)]
+    no_podman_autostart: bool,
+    /// Start the REST service now rather than on first use.
+    #[arg(long)]
+    podman_at_start: bool,
+    /// The init's boot milestones file (`NAME UPTIME` lines).
+    #[arg(long, default_value = "/run/b2p/milestones")]
+    milestones: PathBuf,
+    /// Where the data disk is mounted.
+    #[arg(long, default_value = "/var/lib/boot2podman")]
+    data_mount: PathBuf,
+    /// The command io.b2p.Machine.Shutdown runs (split on spaces).
+    #[arg(long, default_value = "poweroff")]
+    shutdown_command: String,
+}
+
+fn bind_unix(path: &PathBuf) -> Result<tokio::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+    tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+fn bind_vsock(port: u32) -> Result<tokio_vsock::VsockListener> {
+    let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
+    tokio_vsock::VsockListener::bind(addr).with_context(|| format!("binding vsock port {port}"))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let registry = idl::Registry::new()?;
+    let bin = (!args.no_podman_autostart).then(|| args.podman_bin.clone());
+    let podman = Podman::new(PodmanService::new(args.podman_socket.clone(), bin));
+    let machine = Machine::new(MachineConfig {
+        milestones: args.milestones.clone(),
+        data_mount: args.data_mount.clone(),
+        shutdown_command: args
+            .shutdown_command
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    });
+    let agent = Arc::new(Agent::new(registry, podman, machine));
+
+    let guest_defaults = args.unix.is_none() && args.forward_unix.is_none();
+    let vsock_port = args.vsock_port.or(guest_defaults.then_some(1024));
+    let forward_port = args.forward_port.or(guest_defaults.then_some(1025));
+    let mut sockets = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(path) = &args.unix {
+        let l = bind_unix(path)?;
+        sockets.push(path.clone());
+        info!("varlink on unix:{}", path.display());
+        tasks.spawn(server::serve_unix(agent.clone(), l));
+    }
+    if let Some(path) = &args.forward_unix {
+        let l = bind_unix(path)?;
+        sockets.push(path.clone());
+        info!("forwarding unix:{} to podman", path.display());
+        tasks.spawn(forward::forward_unix(agent.clone(), l));
+    }
+    if let Some(port) = vsock_port {
+        let l = bind_vsock(port)?;
+        info!("varlink on vsock port {port}");
+        tasks.spawn(server::serve_vsock(agent.clone(), l));
+    }
+    if let Some(port) = forward_port {
+        let l = bind_vsock(port)?;
+        info!("forwarding vsock port {port} to podman");
+        tasks.spawn(forward::forward_vsock(agent.clone(), l));
+    }
+    agent.machine().milestone("agent-listening");
+    if args.podman_at_start {
+        let agent = agent.clone();
+        tasks.spawn(async move {
+            if podman::warm_up(agent.podman().service(), Duration::from_secs(120)).await {
+                agent.machine().milestone("podman-ready");
+            } else {
+                log::warn!("podman service did not come up");
+            }
+        });
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: exiting"),
+        _ = int.recv() => info!("SIGINT: exiting"),
+    }
+    agent.podman().service().stop_started().await;
+    for path in sockets {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let args = Args::parse();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run(args))
+}
