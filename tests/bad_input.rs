@@ -1,0 +1,231 @@
+//! Bad input to `b2p-vmm run`: each case must end with a non-zero exit
+//! status, exactly one stderr line starting `b2p-vmm: error:`, and no panic.
+//! Cases that root would sail through (file modes) run with privileges
+//! dropped through setpriv.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Case {
+    dir: TempDir,
+    vmm: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+fn case(test: &str) -> Case {
+    let vmm = vmm_binary().unwrap_or_else(|e| panic!("{test}: no b2p-vmm binary: {e}"));
+    let dir = TempDir::new(test);
+    let kernel = probe_kernel(&dir);
+    let initrd = write_file(&dir, "initrd.img", &random_bytes(4096));
+    Case {
+        dir,
+        vmm,
+        kernel,
+        initrd,
+    }
+}
+
+fn run_args(kernel: &Path, initrd: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        initrd.display().to_string(),
+        "--cmdline".into(),
+        "console=ttyS0 probe.mem=64".into(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Asserts the one-line error contract; `want` must appear in that line
+/// (case-insensitive).
+fn assert_clean_error(test: &str, out: &Outcome, want: &[&str]) {
+    assert!(!out.timed_out, "{test}: timed out\n{}", out.describe());
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(!all.contains("panicked"), "{test}: panicked\n{}", out.describe());
+    assert!(
+        out.status.code().is_some_and(|c| c != 0),
+        "{test}: want a non-zero exit status\n{}",
+        out.describe()
+    );
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{test}: want exactly one stderr line\n{}",
+        out.describe()
+    );
+    assert!(
+        lines[0].starts_with("b2p-vmm: error: "),
+        "{test}: the line must start with 'b2p-vmm: error: '\n{}",
+        out.describe()
+    );
+    let lower = lines[0].to_lowercase();
+    assert!(
+        want.iter().any(|w| lower.contains(&w.to_lowercase())),
+        "{test}: the error should mention one of {want:?}\n{}",
+        out.describe()
+    );
+    eprintln!("{test}: {}", lines[0]);
+}
+
+fn run_vmm(c: &Case, args: &[String]) -> Outcome {
+    let mut cmd = vmm_command(&c.vmm);
+    cmd.args(args);
+    run_with_deadline(cmd, LIMIT)
+}
+
+#[test]
+fn missing_kernel() {
+    let c = case("missing_kernel");
+    let missing = c.dir.join("no-such-vmlinuz");
+    let out = run_vmm(&c, &run_args(&missing, &c.initrd, &[]));
+    assert_clean_error("missing_kernel", &out, &["no-such-vmlinuz", "kernel"]);
+}
+
+#[test]
+fn kernel_that_is_not_a_kernel() {
+    let c = case("not_a_kernel");
+    let junk = write_file(&c.dir, "junk.bin", &random_bytes(64 * 1024));
+    let text = write_file(&c.dir, "notes.txt", b"this is not a kernel\n");
+    for k in [&junk, &text] {
+        let out = run_vmm(&c, &run_args(k, &c.initrd, &[]));
+        assert_clean_error("kernel_that_is_not_a_kernel", &out, &["kernel", "bzimage", "elf"]);
+    }
+}
+
+#[test]
+fn initrd_larger_than_guest_memory() {
+    let c = case("big_initrd");
+    // Sparse: 96 MiB of initrd for a 64 MiB guest.
+    let big = c.dir.join("big.img");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(96 << 20).unwrap();
+    let out = run_vmm(&c, &run_args(&c.kernel, &big, &["--memory", "64"]));
+    assert_clean_error("initrd_larger_than_guest_memory", &out, &["initrd", "memory"]);
+}
+
+#[test]
+fn memory_too_small() {
+    let c = case("small_memory");
+    for mem in ["0", "1"] {
+        let out = run_vmm(&c, &run_args(&c.kernel, &c.initrd, &["--memory", mem]));
+        assert_clean_error("memory_too_small", &out, &["memory"]);
+    }
+}
+
+#[test]
+fn cpus_zero_and_too_many() {
+    let c = case("bad_cpus");
+    for cpus in ["0", "255", "100000"] {
+        let out = run_vmm(&c, &run_args(&c.kernel, &c.initrd, &["--cpus", cpus]));
+        assert_clean_error("cpus_zero_and_too_many", &out, &["cpu"]);
+    }
+}
+
+/// setpriv, or the reason this test cannot drop privileges.
+fn setpriv() -> Result<PathBuf, String> {
+    if !is_root() {
+        return Err("not root: cannot switch users".into());
+    }
+    which("setpriv").ok_or_else(|| "setpriv (util-linux) not found".into())
+}
+
+#[test]
+fn kvm_not_accessible() {
+    let test = "kvm_not_accessible";
+    let setpriv = match setpriv() {
+        Ok(p) => p,
+        Err(reason) => return skip(test, &reason),
+    };
+    let meta = match std::fs::metadata("/dev/kvm") {
+        Ok(m) => m,
+        Err(_) => {
+            // No /dev/kvm at all: the monitor must say so in one line.
+            let c = case(test);
+            let out = run_vmm(&c, &run_args(&c.kernel, &c.initrd, &[]));
+            return assert_clean_error(test, &out, &["/dev/kvm", "kvm"]);
+        }
+    };
+    if meta.permissions().mode() & 0o006 != 0 {
+        return skip(test, "/dev/kvm is accessible to everyone here");
+    }
+    let c = case(test);
+    // The binary must be reachable by nobody: copy it into the scratch dir.
+    let vmm = c.dir.join("b2p-vmm");
+    std::fs::copy(&c.vmm, &vmm).unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new(setpriv);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&vmm)
+        .args(run_args(&c.kernel, &c.initrd, &[]))
+        .env_remove("RUST_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("B2P_TIMINGS");
+    let out = run_with_deadline(cmd, LIMIT);
+    assert_clean_error(test, &out, &["/dev/kvm", "kvm"]);
+}
+
+#[test]
+fn console_file_not_writable() {
+    let test = "console_file_not_writable";
+    let setpriv = match setpriv() {
+        Ok(p) => p,
+        Err(reason) => return skip(test, &reason),
+    };
+    if let Err(reason) = kvm_usable() {
+        return skip(test, &reason);
+    }
+    let c = case(test);
+    let log = c.dir.join("console.log");
+    std::fs::write(&log, b"").unwrap();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o444)).unwrap();
+    // Stay root (owner of /dev/kvm) but without CAP_DAC_OVERRIDE, so the
+    // file's read-only mode applies.
+    let mut cmd = Command::new(setpriv);
+    cmd.args([
+        "--bounding-set=-dac_override,-dac_read_search",
+        "--inh-caps=-dac_override,-dac_read_search",
+        "--",
+    ])
+    .arg(&c.vmm)
+    .args(run_args(
+        &c.kernel,
+        &c.initrd,
+        &["--console", &format!("file:{}", log.display())],
+    ))
+    .env_remove("RUST_LOG")
+    .env_remove("RUST_BACKTRACE")
+    .env_remove("B2P_TIMINGS");
+    let out = run_with_deadline(cmd, LIMIT);
+    assert_clean_error(test, &out, &["console", "console.log"]);
+    assert_eq!(std::fs::read(&log).unwrap(), b"", "the console file was written");
+}
+
+#[test]
+fn console_in_missing_directory() {
+    let c = case("console_missing_dir");
+    let log = c.dir.join("no-such-dir/console.log");
+    let out = run_vmm(
+        &c,
+        &run_args(&c.kernel, &c.initrd, &["--console", &format!("file:{}", log.display())]),
+    );
+    assert_clean_error("console_in_missing_directory", &out, &["console", "no-such-dir"]);
+}
+
+#[test]
+fn unknown_console_kind() {
+    let c = case("console_kind");
+    let out = run_vmm(&c, &run_args(&c.kernel, &c.initrd, &["--console", "telnet:23"]));
+    assert_clean_error("unknown_console_kind", &out, &["console"]);
+}

@@ -1,0 +1,207 @@
+//! Boots the probe guest (tests/probe) under the real /dev/kvm through the
+//! `b2p-vmm run` CLI, the same bzImage path Linux takes, and asserts what
+//! the guest found from inside: 64-bit entry with boot_params, the E820 map
+//! against --memory, the command line, the initrd bytes, the ACPI tables
+//! (RSDP/XSDT/FACP/APIC/DSDT with checksums, one LAPIC per vCPU), then the
+//! boot-timer write and an ACPI S5 poweroff that ends the monitor with 0.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Everything a boot test needs, or the reason to skip.
+fn setup(test: &str) -> Option<std::path::PathBuf> {
+    if let Err(reason) = kvm_usable() {
+        skip(test, &reason);
+        return None;
+    }
+    match vmm_binary() {
+        Ok(p) => Some(p),
+        Err(e) => panic!("{test}: no b2p-vmm binary: {e}"),
+    }
+}
+
+fn assert_line(console: &str, needle: &str, out: &Outcome) {
+    assert!(
+        console.lines().any(|l| l.contains(needle)),
+        "probe output lacks {needle:?}\n--- console ---\n{console}\n{}",
+        out.describe()
+    );
+}
+
+/// Boots the probe with `cpus` vCPUs and `mem` MiB and a random initrd,
+/// console to a file; checks every report line.
+fn boot_and_check(test: &str, cpus: u32, mem: u64) {
+    let Some(vmm) = setup(test) else { return };
+    let dir = TempDir::new(test);
+    let kernel = probe_kernel(&dir);
+    // Not a multiple of 8 or of a page: the checksum covers a padded tail.
+    let initrd_data = random_bytes(64 * 1024 + 13);
+    let initrd = write_file(&dir, "initrd.img", &initrd_data);
+    let log = dir.join("console.log");
+    let cmdline = probe_cmdline(mem, cpus, Some(&initrd_data), "");
+
+    let mut cmd = vmm_command(&vmm);
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", &cmdline])
+        .args(["--memory", &mem.to_string(), "--cpus", &cpus.to_string()])
+        .arg("--console")
+        .arg(format!("file:{}", log.display()))
+        .arg("--boot-timer")
+        .env("B2P_TIMINGS", "1");
+    let out = run_with_deadline(cmd, LIMIT);
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    let all = format!("{console}{}{}", out.stdout, out.stderr);
+    assert!(!out.timed_out, "timed out\n{console}\n{}", out.describe());
+    assert!(!all.contains("panicked"), "{}", out.describe());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "b2p-vmm did not exit 0\n--- console ---\n{console}\n{}",
+        out.describe()
+    );
+
+    let fails: Vec<&str> = console.lines().filter(|l| l.contains("probe: FAIL")).collect();
+    assert!(
+        fails.is_empty(),
+        "probe reported failures: {fails:#?}\n--- console ---\n{console}"
+    );
+    assert_line(&console, "probe: entry64 rsi=0x", &out);
+    assert_line(&console, "probe: setup_header magic=HdrS", &out);
+    assert_line(&console, &format!("probe: cmdline \"{cmdline}\""), &out);
+    let kib = mem * 1024;
+    assert_line(&console, &format!("expected={kib} KiB"), &out);
+    assert!(
+        console
+            .lines()
+            .any(|l| l.starts_with("probe: e820 ram=") && l.ends_with(" ok")),
+        "no E820 ok line\n{console}"
+    );
+    if mem > 3072 {
+        assert_line(&console, "probe: e820 0x0000000100000000-", &out);
+    }
+    assert_line(&console, "probe: memtouch ok", &out);
+    assert_line(
+        &console,
+        &format!("probe: initrd sum={:#018x}", b2p_probe::initrd_sum(&initrd_data)),
+        &out,
+    );
+    assert_line(&console, "probe: initrd ok", &out);
+    for sig in ["RSDP", "XSDT", "FACP", "APIC", "DSDT"] {
+        assert!(
+            console
+                .lines()
+                .any(|l| l.starts_with(&format!("probe: acpi {sig} 0x")) && l.ends_with("checksum ok")),
+            "no checked {sig} table\n{console}"
+        );
+    }
+    assert_line(&console, "probe: acpi FACP hw_reduced=1", &out);
+    assert_line(&console, &format!("lapics={cpus} ioapics=1"), &out);
+    assert_line(&console, "probe: acpi DSDT s5=5", &out);
+    assert_line(&console, "hypervisor=1", &out);
+    assert_line(&console, "probe: PASS", &out);
+    assert_line(&console, "probe: boot timer written", &out);
+    assert_line(&console, "probe: poweroff via ACPI S5", &out);
+    assert!(
+        !console.contains("probe: reset via i8042"),
+        "S5 did not stop the VM\n{console}"
+    );
+
+    let first = timing(&out.stderr, "first_exit_us");
+    let timer = timing(&out.stderr, "boot_timer_us");
+    assert!(first.is_some(), "no first_exit_us timing\n{}", out.describe());
+    assert!(timer.is_some(), "no boot_timer_us timing\n{}", out.describe());
+    assert!(first <= timer, "first exit after the boot timer\n{}", out.describe());
+    eprintln!(
+        "{test}: first_exit_us={} boot_timer_us={} wall={:?}",
+        first.unwrap_or(0),
+        timer.unwrap_or(0),
+        out.wall
+    );
+}
+
+#[test]
+fn probe_1cpu_64mib() {
+    boot_and_check("probe_1cpu_64mib", 1, 64);
+}
+
+#[test]
+fn probe_4cpu_64mib() {
+    boot_and_check("probe_4cpu_64mib", 4, 64);
+}
+
+#[test]
+fn probe_1cpu_512mib() {
+    boot_and_check("probe_1cpu_512mib", 1, 512);
+}
+
+#[test]
+fn probe_4cpu_512mib() {
+    boot_and_check("probe_4cpu_512mib", 4, 512);
+}
+
+#[test]
+fn probe_1cpu_4096mib() {
+    boot_and_check("probe_1cpu_4096mib", 1, 4096);
+}
+
+#[test]
+fn probe_4cpu_4096mib() {
+    boot_and_check("probe_4cpu_4096mib", 4, 4096);
+}
+
+/// --console stdio: the guest's serial output is the monitor's stdout.
+#[test]
+fn probe_console_stdio() {
+    let test = "probe_console_stdio";
+    let Some(vmm) = setup(test) else { return };
+    let dir = TempDir::new(test);
+    let kernel = probe_kernel(&dir);
+    let data = random_bytes(8192);
+    let initrd = write_file(&dir, "initrd.img", &data);
+    let cmdline = probe_cmdline(128, 2, Some(&data), "");
+    let mut cmd = vmm_command(&vmm);
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", &cmdline, "--memory", "128", "--cpus", "2"])
+        .args(["--console", "stdio"]);
+    let out = run_with_deadline(cmd, LIMIT);
+    assert!(!out.timed_out, "{}", out.describe());
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    assert!(out.stdout.contains("probe: PASS"), "{}", out.describe());
+    assert!(!out.stdout.contains("probe: FAIL"), "{}", out.describe());
+    assert!(!out.stderr.contains("panicked"), "{}", out.describe());
+}
+
+/// --console none: nothing on stdout, and still a clean poweroff.
+#[test]
+fn probe_console_none_powers_off() {
+    let test = "probe_console_none_powers_off";
+    let Some(vmm) = setup(test) else { return };
+    let dir = TempDir::new(test);
+    let kernel = probe_kernel(&dir);
+    let data = random_bytes(4096);
+    let initrd = write_file(&dir, "initrd.img", &data);
+    let cmdline = probe_cmdline(64, 1, Some(&data), "");
+    let mut cmd = vmm_command(&vmm);
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", &cmdline, "--memory", "64", "--console", "none"]);
+    let out = run_with_deadline(cmd, LIMIT);
+    assert!(!out.timed_out, "{}", out.describe());
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    assert!(!out.stdout.contains("probe:"), "{}", out.describe());
+}
