@@ -52,13 +52,21 @@ fn run_args(kernel: &Path, initrd: &Path, extra: &[&str]) -> Vec<String> {
 fn assert_clean_error(test: &str, out: &Outcome, want: &[&str]) {
     assert!(!out.timed_out, "{test}: timed out\n{}", out.describe());
     let all = format!("{}{}", out.stdout, out.stderr);
-    assert!(!all.contains("panicked"), "{test}: panicked\n{}", out.describe());
+    assert!(
+        !all.contains("panicked"),
+        "{test}: panicked\n{}",
+        out.describe()
+    );
     assert!(
         out.status.code().is_some_and(|c| c != 0),
         "{test}: want a non-zero exit status\n{}",
         out.describe()
     );
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert_eq!(
         lines.len(),
         1,
@@ -100,7 +108,11 @@ fn kernel_that_is_not_a_kernel() {
     let text = write_file(&c.dir, "notes.txt", b"this is not a kernel\n");
     for k in [&junk, &text] {
         let out = run_vmm(&c, &run_args(k, &c.initrd, &[]));
-        assert_clean_error("kernel_that_is_not_a_kernel", &out, &["kernel", "bzimage", "elf"]);
+        assert_clean_error(
+            "kernel_that_is_not_a_kernel",
+            &out,
+            &["kernel", "bzimage", "elf"],
+        );
     }
 }
 
@@ -112,7 +124,11 @@ fn initrd_larger_than_guest_memory() {
     let f = std::fs::File::create(&big).unwrap();
     f.set_len(96 << 20).unwrap();
     let out = run_vmm(&c, &run_args(&c.kernel, &big, &["--memory", "64"]));
-    assert_clean_error("initrd_larger_than_guest_memory", &out, &["initrd", "memory"]);
+    assert_clean_error(
+        "initrd_larger_than_guest_memory",
+        &out,
+        &["initrd", "memory"],
+    );
 }
 
 #[test]
@@ -209,7 +225,11 @@ fn console_file_not_writable() {
     .env_remove("B2P_TIMINGS");
     let out = run_with_deadline(cmd, LIMIT);
     assert_clean_error(test, &out, &["console", "console.log"]);
-    assert_eq!(std::fs::read(&log).unwrap(), b"", "the console file was written");
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        b"",
+        "the console file was written"
+    );
 }
 
 #[test]
@@ -218,14 +238,25 @@ fn console_in_missing_directory() {
     let log = c.dir.join("no-such-dir/console.log");
     let out = run_vmm(
         &c,
-        &run_args(&c.kernel, &c.initrd, &["--console", &format!("file:{}", log.display())]),
+        &run_args(
+            &c.kernel,
+            &c.initrd,
+            &["--console", &format!("file:{}", log.display())],
+        ),
     );
-    assert_clean_error("console_in_missing_directory", &out, &["console", "no-such-dir"]);
+    assert_clean_error(
+        "console_in_missing_directory",
+        &out,
+        &["console", "no-such-dir"],
+    );
 }
 
 #[test]
 fn unknown_console_kind() {
     let c = case("console_kind");
-    let out = run_vmm(&c, &run_args(&c.kernel, &c.initrd, &["--console", "telnet:23"]));
+    let out = run_vmm(
+        &c,
+        &run_args(&c.kernel, &c.initrd, &["--console", "telnet:23"]),
+    );
     assert_clean_error("unknown_console_kind", &out, &["console"]);
 }

@@ -68,7 +68,10 @@ fn boot_and_check(test: &str, cpus: u32, mem: u64) {
         out.describe()
     );
 
-    let fails: Vec<&str> = console.lines().filter(|l| l.contains("probe: FAIL")).collect();
+    let fails: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("probe: FAIL"))
+        .collect();
     assert!(
         fails.is_empty(),
         "probe reported failures: {fails:#?}\n--- console ---\n{console}"
@@ -90,7 +93,10 @@ fn boot_and_check(test: &str, cpus: u32, mem: u64) {
     assert_line(&console, "probe: memtouch ok", &out);
     assert_line(
         &console,
-        &format!("probe: initrd sum={:#018x}", b2p_probe::initrd_sum(&initrd_data)),
+        &format!(
+            "probe: initrd sum={:#018x}",
+            b2p_probe::initrd_sum(&initrd_data)
+        ),
         &out,
     );
     assert_line(&console, "probe: initrd ok", &out);
@@ -98,7 +104,8 @@ fn boot_and_check(test: &str, cpus: u32, mem: u64) {
         assert!(
             console
                 .lines()
-                .any(|l| l.starts_with(&format!("probe: acpi {sig} 0x")) && l.ends_with("checksum ok")),
+                .any(|l| l.starts_with(&format!("probe: acpi {sig} 0x"))
+                    && l.ends_with("checksum ok")),
             "no checked {sig} table\n{console}"
         );
     }
@@ -116,9 +123,21 @@ fn boot_and_check(test: &str, cpus: u32, mem: u64) {
 
     let first = timing(&out.stderr, "first_exit_us");
     let timer = timing(&out.stderr, "boot_timer_us");
-    assert!(first.is_some(), "no first_exit_us timing\n{}", out.describe());
-    assert!(timer.is_some(), "no boot_timer_us timing\n{}", out.describe());
-    assert!(first <= timer, "first exit after the boot timer\n{}", out.describe());
+    assert!(
+        first.is_some(),
+        "no first_exit_us timing\n{}",
+        out.describe()
+    );
+    assert!(
+        timer.is_some(),
+        "no boot_timer_us timing\n{}",
+        out.describe()
+    );
+    assert!(
+        first <= timer,
+        "first exit after the boot timer\n{}",
+        out.describe()
+    );
     eprintln!(
         "{test}: first_exit_us={} boot_timer_us={} wall={:?}",
         first.unwrap_or(0),

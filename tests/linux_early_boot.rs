@@ -12,7 +12,10 @@ use std::process::Command;
 fn debian_kernel_accepts_our_boot_tables() {
     let test = "debian_kernel_accepts_our_boot_tables";
     if std::env::var_os("B2P_LINUX_TEST").as_deref() != Some("1".as_ref()) {
-        return skip(test, "opt-in: set B2P_LINUX_TEST=1 (takes minutes, downloads a kernel .deb)");
+        return skip(
+            test,
+            "opt-in: set B2P_LINUX_TEST=1 (takes minutes, downloads a kernel .deb)",
+        );
     }
     if let Err(reason) = kvm_usable() {
         return skip(test, &reason);
@@ -27,6 +30,10 @@ fn debian_kernel_accepts_our_boot_tables() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stdout}{stderr}");
-    assert!(out.status.success(), "linux-early-boot.sh failed: {:?}", out.status);
+    assert!(
+        out.status.success(),
+        "linux-early-boot.sh failed: {:?}",
+        out.status
+    );
     assert!(!stdout.contains("MISSING"));
 }

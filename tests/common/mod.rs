@@ -71,8 +71,7 @@ pub fn vmm_binary() -> Result<PathBuf, String> {
                 Err(format!("B2P_VMM={} is not a file", p.display()))
             };
         }
-        let (target, profile) =
-            target_and_profile().ok_or("cannot locate the target directory")?;
+        let (target, profile) = target_and_profile().ok_or("cannot locate the target directory")?;
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "b2p-vmm", "--bin", "b2p-vmm"])
@@ -93,7 +92,10 @@ pub fn vmm_binary() -> Result<PathBuf, String> {
         match cmd.status() {
             Ok(s) if s.success() => Ok(bin),
             Ok(s) if bin.is_file() => {
-                eprintln!("note: cargo build -p b2p-vmm failed ({s}); using {}", bin.display());
+                eprintln!(
+                    "note: cargo build -p b2p-vmm failed ({s}); using {}",
+                    bin.display()
+                );
                 Ok(bin)
             }
             Ok(s) => Err(format!("cargo build -p b2p-vmm failed: {s}")),

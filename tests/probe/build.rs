@@ -43,16 +43,35 @@ const CFLAGS: &[&str] = &[
 /// Mnemonics (objdump AT&T syntax) that fail with KVM_EXIT_INTERNAL_ERROR
 /// under this machine's PVM instruction emulator, or that need SSE/x87.
 const FORBIDDEN: &[&str] = &[
-    "%xmm", "%ymm", "%zmm", "%st", "%mm", "popcnt", "crc32", "xgetbv", "rdtscp", "mfence",
-    "lfence", "sfence", "fld", "fst", "fwait", "clac", "stac", "cmpxchg16b", "xrstor", "xsave",
-    "int3", "endbr64",
+    "%xmm",
+    "%ymm",
+    "%zmm",
+    "%st",
+    "%mm",
+    "popcnt",
+    "crc32",
+    "xgetbv",
+    "rdtscp",
+    "mfence",
+    "lfence",
+    "sfence",
+    "fld",
+    "fst",
+    "fwait",
+    "clac",
+    "stac",
+    "cmpxchg16b",
+    "xrstor",
+    "xsave",
+    "int3",
+    "endbr64",
 ];
 
 fn run(cmd: &mut Command) {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("b2p-probe: cannot run {shown}: {e} (install gcc and binutils)"));
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("b2p-probe: cannot run {shown}: {e} (install gcc and binutils)")
+    });
     if !out.status.success() {
         panic!(
             "b2p-probe: {shown} failed:\n{}{}",
@@ -67,7 +86,11 @@ fn run(cmd: &mut Command) {
 }
 
 fn check_disassembly(elf: &Path) {
-    let out = match Command::new("objdump").args(["-d", "--no-show-raw-insn"]).arg(elf).output() {
+    let out = match Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(elf)
+        .output()
+    {
         Ok(o) if o.status.success() => o,
         _ => panic!("b2p-probe: objdump -d failed (install binutils)"),
     };
@@ -75,7 +98,9 @@ fn check_disassembly(elf: &Path) {
     let mut bad = Vec::new();
     for line in text.lines() {
         // "ffffffff80200a10:\tmov    %rax,%rbx" -> the instruction part
-        let Some((_, insn)) = line.split_once(":\t") else { continue };
+        let Some((_, insn)) = line.split_once(":\t") else {
+            continue;
+        };
         let insn = insn.trim();
         let mnemonic = insn.split_whitespace().next().unwrap_or("");
         let hit = FORBIDDEN.iter().any(|f| {
@@ -100,15 +125,26 @@ fn check_disassembly(elf: &Path) {
 fn check_header(image: &[u8]) {
     assert!(image.len() > 0x1200, "b2p-probe: bzImage too small");
     assert_eq!(&image[0x202..0x206], b"HdrS", "b2p-probe: no HdrS at 0x202");
-    assert_eq!(&image[0x1fe..0x200], &[0x55, 0xaa], "b2p-probe: no boot flag");
+    assert_eq!(
+        &image[0x1fe..0x200],
+        &[0x55, 0xaa],
+        "b2p-probe: no boot flag"
+    );
     let setup_sects = image[0x1f1] as usize;
     let xloadflags = u16::from_le_bytes([image[0x236], image[0x237]]);
     assert!(xloadflags & 1 != 0, "b2p-probe: XLF_KERNEL_64 not set");
     let pm = (setup_sects + 1) * 512;
     let syssize = u32::from_le_bytes(image[0x1f4..0x1f8].try_into().unwrap()) as usize;
-    assert!(syssize * 16 >= image.len() - pm, "b2p-probe: syssize too small");
+    assert!(
+        syssize * 16 >= image.len() - pm,
+        "b2p-probe: syssize too small"
+    );
     // The 64-bit entry's first instruction: outb %al, $0x80 (e6 80).
-    assert_eq!(&image[pm + 0x200..pm + 0x202], &[0xe6, 0x80], "b2p-probe: entry is not out 0x80");
+    assert_eq!(
+        &image[pm + 0x200..pm + 0x202],
+        &[0xe6, 0x80],
+        "b2p-probe: entry is not out 0x80"
+    );
 }
 
 fn main() {
@@ -123,12 +159,24 @@ fn main() {
     let mut objs = Vec::new();
     for src in SOURCES {
         let obj = out.join(format!("{src}.o"));
-        run(Command::new(&cc).args(CFLAGS).arg("-c").arg(guest.join(src)).arg("-o").arg(&obj));
+        run(Command::new(&cc)
+            .args(CFLAGS)
+            .arg("-c")
+            .arg(guest.join(src))
+            .arg("-o")
+            .arg(&obj));
         objs.push(obj);
     }
     let elf = out.join("probe.elf");
     run(Command::new("ld")
-        .args(["-static", "-nostdlib", "-z", "max-page-size=4096", "-z", "noexecstack"])
+        .args([
+            "-static",
+            "-nostdlib",
+            "-z",
+            "max-page-size=4096",
+            "-z",
+            "noexecstack",
+        ])
         .args(["--build-id=none", "--no-warn-rwx-segments", "-T"])
         .arg(guest.join("probe.ld"))
         .arg("-o")
@@ -136,7 +184,10 @@ fn main() {
         .args(&objs));
     check_disassembly(&elf);
     let image = out.join("probe.bzImage");
-    run(Command::new("objcopy").args(["-O", "binary"]).arg(&elf).arg(&image));
+    run(Command::new("objcopy")
+        .args(["-O", "binary"])
+        .arg(&elf)
+        .arg(&image));
     let bytes = std::fs::read(&image).expect("read probe.bzImage");
     check_header(&bytes);
 }

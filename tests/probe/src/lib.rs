@@ -37,7 +37,11 @@ mod tests {
         assert_eq!(xloadflags & 1, 1, "XLF_KERNEL_64");
         assert_eq!(img[0x234], 1, "relocatable_kernel");
         let pm = (usize::from(img[0x1f1]) + 1) * 512;
-        assert_eq!(&img[pm + 0x200..pm + 0x202], &[0xe6, 0x80], "out %al,$0x80 first");
+        assert_eq!(
+            &img[pm + 0x200..pm + 0x202],
+            &[0xe6, 0x80],
+            "out %al,$0x80 first"
+        );
         let init_size = u32::from_le_bytes(img[0x260..0x264].try_into().unwrap()) as usize;
         assert!(init_size >= img.len() - pm);
     }
