@@ -26,7 +26,9 @@
 //! is untrusted: it may produce errors, never panics or accesses outside
 //! guest memory.
 
+pub mod block;
 pub mod mmio;
+pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
