@@ -17,6 +17,12 @@ const SOURCES: &[&str] = &[
     "cpu.c",
     "trap.c",
     "power.c",
+    "virtio.c",
+    "ioapic.c",
+    "rng.c",
+    "blk.c",
+    "net.c",
+    "vsock.c",
 ];
 
 const CFLAGS: &[&str] = &[

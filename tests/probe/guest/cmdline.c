@@ -70,6 +70,12 @@ int cmdline_u64(const char *key, u64 *out)
 	return 1;
 }
 
+/* The raw value of "key=" (up to the next space), or NULL. */
+const char *cmdline_str(const char *key)
+{
+	return find(key);
+}
+
 int cmdline_flag(const char *key)
 {
 	u64 v;

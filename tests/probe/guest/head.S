@@ -15,6 +15,7 @@
 
 #define IDENT_GIB	8		/* identity map 0..8 GiB with 2 MiB pages */
 #define KERNEL_PTS	2		/* 2 page tables: 4 MiB of image + bss */
+#define PREBUILT_LOAD	0x100000	/* code32_start */
 
 /* ------------------------------------------------------------------ */
 /* Boot sector + setup sectors (loaded by nobody: 64-bit boot only).   */
@@ -126,7 +127,9 @@ startup_64:
 	jb	1b
 
 	/* Kernel mapping: PROBE_VIRT_BASE -> load address, 4 KiB pages, as
-	 * many as init_size needs. */
+	 * many as init_size needs. Prebuilt for the usual load address. */
+	cmpq	$PREBUILT_LOAD, %r14
+	je	2f
 	leaq	pt_kernel(%rip), %rdi
 	movq	%r14, %rax
 	orq	$(PTE_P | PTE_RW), %rax
@@ -137,7 +140,7 @@ startup_64:
 	incl	%ecx
 	cmpl	%edx, %ecx
 	jb	1b
-
+2:
 	leaq	pd_kernel(%rip), %rdi
 	leaq	pt_kernel(%rip), %rax
 	orq	$(PTE_P | PTE_RW), %rax
@@ -304,10 +307,18 @@ pdpt_ident:	.skip	4096
 pdpt_kernel:	.skip	4096
 pd_kernel:	.skip	4096
 
-	/* Written before use (only the entries init_size needs): not zeroed. */
+	/* The kernel mapping's page tables, prebuilt for a load at
+	 * code32_start; rewritten at entry when the loader chose elsewhere. */
+	.align	4096
+pt_kernel:
+	.set	i, 0
+	.rept	KERNEL_PTS * 512
+	.quad	(PREBUILT_LOAD + (i << 12)) | PTE_P | PTE_RW
+	.set	i, i + 1
+	.endr
+
 	.section .bss.pagetables, "aw", @nobits
 	.align	4096
-pt_kernel:	.skip	4096 * KERNEL_PTS
 stack:		.skip	16384
 stack_top:
 	/* Zeroed at entry: C's .bss follows. */

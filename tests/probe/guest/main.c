@@ -3,7 +3,7 @@
  * ACPI, CPU; then "probe: PASS" (or FAIL lines), the boot-timer write and
  * poweroff. head.S calls probe_main on our own page tables and stack.
  */
-#include "probe.h"
+#include "virtio.h"
 
 void probe_main(u64 zero_page, u64 load_addr);
 
@@ -37,6 +37,7 @@ void probe_main(u64 zero_page, u64 load_addr)
 	memtouch_check();
 	acpi_check();
 	cpu_check();
+	virtio_run_all();
 
 	if (failures)
 		pr("probe: FAIL %d check(s) failed\n", failures);

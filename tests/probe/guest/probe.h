@@ -73,6 +73,7 @@ void cmdline_set(const char *s);
 /* Value of "key=" as a number (decimal or 0x hex); returns 1 when present. */
 int cmdline_u64(const char *key, u64 *out);
 int cmdline_flag(const char *key);
+const char *cmdline_str(const char *key);
 
 /* ---- bootparams.c: zero page, E820, initrd ---- */
 struct e820_entry {
@@ -137,6 +138,8 @@ void trap_init(void);
 void pic_mask(void);
 void lapic_eoi(void);
 void hold_ms(u64 ms);
+void lapic_enable(void);
+int wait_change(volatile u32 *flag, u32 seen, u64 ms);
 typedef void (*irq_handler)(void);
 void irq_set_handler(u8 vector, irq_handler h);
 

@@ -108,26 +108,56 @@ void trap_dispatch(struct trap_frame *f)
 	lapic_eoi();
 }
 
+static int timer_ready;
+
 /*
- * Sleeps with interrupts: KVM's LAPIC timer counts 1 ns bus cycles, so a
- * one-shot count of ms * 10^6 at divide-by-1 is ms milliseconds.
+ * KVM's LAPIC timer counts 1 ns bus cycles, so a one-shot count of
+ * ms * 10^6 at divide-by-1 is ms milliseconds.
  */
-void hold_ms(u64 ms)
+static void timer_arm(u64 ms)
 {
 	u64 base = lapic_base();
-	irq_set_handler(VEC_TIMER, timer_tick);
-	mmio_write32(base + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
-	mmio_write32(base + LAPIC_TIMER_DIV, 0xb);	/* divide by 1 */
+	if (!timer_ready) {
+		irq_set_handler(VEC_TIMER, timer_tick);
+		mmio_write32(base + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+		mmio_write32(base + LAPIC_TIMER_DIV, 0xb);	/* divide by 1 */
+		mmio_write32(base + LAPIC_LVT_TIMER, VEC_TIMER);	/* one-shot */
+		timer_ready = 1;
+	}
+	mmio_write32(base + LAPIC_TIMER_INIT, (u32)(ms * 1000000));
+}
+
+/* Sleeps with interrupts enabled only while halted. */
+void hold_ms(u64 ms)
+{
 	while (ms) {
 		u64 chunk = ms > 1000 ? 1000 : ms;
 		u64 start = ticks;
-		mmio_write32(base + LAPIC_LVT_TIMER, VEC_TIMER);	/* one-shot */
-		mmio_write32(base + LAPIC_TIMER_INIT, (u32)(chunk * 1000000));
+		timer_arm(chunk);
 		while (ticks == start) {
 			sti_hlt();
 			cli();
 		}
 		ms -= chunk;
 	}
-	mmio_write32(base + LAPIC_LVT_TIMER, LVT_MASKED | VEC_TIMER);
+}
+
+/* Sleeps up to ms, or until *flag moves away from seen (an IRQ handler). */
+int wait_change(volatile u32 *flag, u32 seen, u64 ms)
+{
+	u64 start = ticks;
+	if (*flag != seen)
+		return 1;
+	timer_arm(ms ? (ms > 1000 ? 1000 : ms) : 1);
+	while (*flag == seen && ticks == start) {
+		sti_hlt();
+		cli();
+	}
+	return *flag != seen;
+}
+
+/* Enables the local APIC (software enable, spurious vector). */
+void lapic_enable(void)
+{
+	mmio_write32(lapic_base() + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
 }
