@@ -78,7 +78,9 @@ fn boot_and_check(test: &str, cpus: u32, mem: u64) {
     );
     assert_line(&console, "probe: entry64 rsi=0x", &out);
     assert_line(&console, "probe: setup_header magic=HdrS", &out);
-    assert_line(&console, &format!("probe: cmdline \"{cmdline}\""), &out);
+    // b2p-vmm --boot-timer appends b2p.boot_timer=1.
+    assert_line(&console, &format!("probe: cmdline \"{cmdline}"), &out);
+    assert_line(&console, " b2p.boot_timer=1\"", &out);
     let kib = mem * 1024;
     assert_line(&console, &format!("expected={kib} KiB"), &out);
     assert!(

@@ -248,7 +248,7 @@ fn rng_bytes_by_interrupt() {
     let test = "rng_bytes_by_interrupt";
     let Some(vmm) = setup(test) else { return };
     let dir = TempDir::new(test);
-    let b = boot(&vmm, &dir, "console=ttyS0", &["--rng".to_string()]);
+    let b = boot(&vmm, &dir, "console=ttyS0", &["--virtio-rng".to_string()]);
     b.assert_ok();
     b.has("probe: rng0 ok (interrupt-driven)");
     b.has("-> ioapic pin");

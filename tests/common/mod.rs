@@ -217,6 +217,7 @@ pub fn run_with_deadline(mut cmd: Command, limit: Duration) -> Outcome {
 pub fn vmm_command(vmm: &Path) -> Command {
     let mut cmd = Command::new(vmm);
     cmd.env_remove("RUST_LOG")
+        .env_remove("B2P_LOG")
         .env_remove("RUST_BACKTRACE")
         .env_remove("B2P_TIMINGS");
     cmd

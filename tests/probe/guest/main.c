@@ -18,7 +18,10 @@ void probe_main(u64 zero_page, u64 load_addr)
 			quick = cmdline_flag("probe.quick");
 		}
 	}
-	if (quick)
+	/* Like the guest image: the boot timer only when the monitor maps it
+	 * (b2p-vmm --boot-timer appends b2p.boot_timer=1). */
+	int timer = cmdline_flag("b2p.boot_timer");
+	if (quick && timer)
 		boot_timer_write();
 
 	console_init();
@@ -44,8 +47,10 @@ void probe_main(u64 zero_page, u64 load_addr)
 	else
 		pr("probe: PASS\n");
 
-	boot_timer_write();
-	pr("probe: boot timer written\n");
+	if (timer) {
+		boot_timer_write();
+		pr("probe: boot timer written\n");
+	}
 
 	u64 ms;
 	if (cmdline_u64("probe.hold_ms", &ms) && ms) {
