@@ -143,6 +143,8 @@ void virtio_blk_test(struct vdev *d, const char *mode)
 	}
 	if (d->irq_count == irqs)
 		fail("blk%u: no interrupts", d->index);
+	if (d->missed_irq)
+		fail("blk%u: %u completion(s) without an interrupt", d->index, d->missed_irq);
 }
 
 /* Drives every device the DSDT declares, as the command line asks. */

@@ -71,10 +71,20 @@ int cmdline_u64(const char *key, u64 *out)
 	return 1;
 }
 
-/* The raw value of "key=" (up to the next space), or NULL. */
+/* The value of "key=" (up to the next space) in a static buffer, or NULL. */
 const char *cmdline_str(const char *key)
 {
-	return find(key);
+	static char buf[64];
+	const char *v = find(key);
+	usize n = 0;
+	if (!v)
+		return NULL;
+	while (v[n] && v[n] != ' ' && n + 1 < sizeof(buf)) {
+		buf[n] = v[n];
+		n++;
+	}
+	buf[n] = 0;
+	return buf;
 }
 
 int cmdline_flag(const char *key)

@@ -318,6 +318,7 @@ int vq_add(struct vq *q, const struct vbuf *bufs, int n)
 
 void vq_kick(struct vdev *d, struct vq *q)
 {
+	d->kick_irq = d->irq_count;
 	mb();
 	if (!(q->used->flags & 1))	/* VRING_USED_F_NO_NOTIFY */
 		wr(d, R_QUEUE_NOTIFY, q->index);
@@ -353,12 +354,20 @@ int vq_wait(struct vdev *d, struct vq *q, u32 *len, u64 timeout_ms)
 {
 	for (u64 waited = 0;; waited++) {
 		u32 seen = d->irq_count;
+		if (d->use_irq)	/* an interrupt window: sti's shadow covers the nop */
+			__asm__ volatile("sti; nop; cli" ::: "memory");
 		int id = vq_pop(q, len);
 		if (id >= 0) {
 			if (!d->use_irq) {
 				u32 isr = rd(d, R_INTERRUPT_STATUS);
 				if (isr)
 					wr(d, R_INTERRUPT_ACK, isr);
+			} else if (d->irq_count == d->kick_irq) {
+				/* Used already: its interrupt must still come. */
+				for (int t = 0; t < 1000 && d->irq_count == d->kick_irq; t++)
+					wait_change(&d->irq_count, d->kick_irq, 1);
+				if (d->irq_count == d->kick_irq)
+					d->missed_irq++;
 			}
 			return id;
 		}

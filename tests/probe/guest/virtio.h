@@ -70,6 +70,8 @@ struct vdev {
 	u8 vector;
 	volatile u32 irq_count;
 	volatile u32 isr_bits;
+	u32 kick_irq;		/* irq_count at the last kick */
+	u32 missed_irq;		/* completions that came without an interrupt */
 	struct vq q[VQ_MAX];
 };
 
