@@ -286,6 +286,7 @@ void vdev_enable_irq(struct vdev *d)
 	irq_owner[slot] = d;
 	irq_set_handler(d->vector, irq_stubs[slot]);
 	u32 lid = mmio_read32((acpi.lapic_base ? acpi.lapic_base : 0xfee00000UL) + 0x20) >> 24;
+	lapic_enable();	/* a software-disabled LAPIC drops every fixed interrupt */
 	ioapic_route(d->gsi, d->vector, lid);
 	d->use_irq = 1;
 	pr("probe: %s%u gsi %u -> ioapic pin %u -> vector 0x%x (8259 masked)\n",
