@@ -1,1 +1,34 @@
-//! placeholder
+//! b2p-vmm: the b2p virtual machine monitor as a library.
+//!
+//! Build a [`VmConfig`] (or use [`VmBuilder`]), call [`Vm::start`], then
+//! [`Vm::wait`] for the guest to end; [`Vm::stop`] / [`StopHandle`] end it
+//! early. The `b2p-vmm` binary is a thin CLI over this; the `b2p` manager
+//! embeds it the same way.
+//!
+//! Modules: [`config`] (what to build), `kvm` (VM, memory, irqchip),
+//! `vcpu` (vCPU state and run loop), `devices` (buses, allocators, wiring),
+//! `virtio` (device construction), `event_loop`, `console`, `vm`
+//! (orchestration and lifecycle), [`cli`] (argument parsers shared with the
+//! manager).
+
+pub mod cli;
+pub mod config;
+mod console;
+mod devices;
+mod error;
+mod event_loop;
+mod kvm;
+mod vcpu;
+mod virtio;
+mod vm;
+
+pub use config::{Console, DiskConfig, NetConfig, VmBuilder, VmConfig, VsockConfig};
+pub use error::{Error, Result};
+pub use vm::{StopHandle, Timings, Vm, VmExit};
+
+/// CLOCK_MONOTONIC in nanoseconds: pass it as [`VmConfig::start_ns`] as
+/// early as possible in `main` so timings count from process start.
+pub use b2p_devices::legacy::boot_timer::monotonic_ns;
+
+/// Guest memory type used throughout.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

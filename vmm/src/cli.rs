@@ -1,0 +1,191 @@
+//! Parsers for the `b2p-vmm run` option values, shared with the manager so
+//! both accept exactly the same syntax. Each returns a one-line message on
+//! error (clap prefixes it with the option name).
+
+use std::path::PathBuf;
+
+use crate::config::{Console, DiskConfig, NetConfig, VsockConfig};
+
+/// `stdio`, `none` or `file:PATH`.
+pub fn parse_console(s: &str) -> Result<Console, String> {
+    match s {
+        "stdio" => Ok(Console::Stdio),
+        "none" => Ok(Console::None),
+        _ => match s.strip_prefix("file:") {
+            Some("") => Err("file: needs a path (file:PATH)".into()),
+            Some(p) => Ok(Console::File(PathBuf::from(p))),
+            None => Err(format!("{s:?} is not stdio, none or file:PATH")),
+        },
+    }
+}
+
+/// `PATH[,ro][,serial=S]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let mut parts = s.split(',');
+    let path = parts.next().unwrap_or_default();
+    if path.is_empty() {
+        return Err("missing disk path (PATH[,ro][,serial=S])".into());
+    }
+    let mut disk = DiskConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        serial: None,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => disk.read_only = true,
+            None if opt == "rw" => disk.read_only = false,
+            Some(("serial", v)) => {
+                if v.is_empty() || v.len() > 20 || !v.is_ascii() {
+                    return Err(format!("serial {v:?} must be 1 to 20 ASCII characters"));
+                }
+                disk.serial = Some(v.to_string());
+            }
+            _ => return Err(format!("unknown disk option {opt:?} (ro, serial=S)")),
+        }
+    }
+    Ok(disk)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{s} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// `tap=NAME[,mac=M]`.
+pub fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for opt in s.split(',') {
+        match opt.split_once('=') {
+            Some(("tap", v)) if !v.is_empty() => {
+                if v.len() >= libc::IFNAMSIZ {
+                    return Err(format!(
+                        "TAP name {v:?} is longer than {} bytes",
+                        libc::IFNAMSIZ - 1
+                    ));
+                }
+                tap = Some(v.to_string());
+            }
+            Some(("mac", v)) => mac = Some(parse_mac(v)?),
+            _ => return Err(format!("unknown net option {opt:?} (tap=NAME[,mac=M])")),
+        }
+    }
+    let tap = tap.ok_or("missing tap=NAME")?;
+    Ok(NetConfig { tap, mac })
+}
+
+/// `cid=N,uds=PATH`.
+pub fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    let mut cid = None;
+    let mut uds = None;
+    for opt in s.split(',') {
+        match opt.split_once('=') {
+            Some(("cid", v)) => {
+                let n: u32 = v
+                    .parse()
+                    .map_err(|_| format!("cid {v:?} is not a number"))?;
+                if n < 3 || n == u32::MAX {
+                    return Err(format!("cid {n} is reserved (use 3 or more)"));
+                }
+                cid = Some(n);
+            }
+            Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown vsock option {opt:?} (cid=N,uds=PATH)")),
+        }
+    }
+    Ok(VsockConfig {
+        cid: cid.ok_or("missing cid=N")?,
+        uds_path: uds.ok_or("missing uds=PATH")?,
+    })
+}
+
+/// `PORT=PATH`.
+pub fn parse_vsock_port(s: &str) -> Result<(u32, PathBuf), String> {
+    let (port, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not PORT=PATH"))?;
+    let port: u32 = port
+        .parse()
+        .map_err(|_| format!("port {port:?} is not a number"))?;
+    if path.is_empty() {
+        return Err("missing PATH in PORT=PATH".into());
+    }
+    Ok((port, PathBuf::from(path)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console() {
+        assert_eq!(parse_console("stdio"), Ok(Console::Stdio));
+        assert_eq!(parse_console("none"), Ok(Console::None));
+        assert_eq!(
+            parse_console("file:/tmp/x.log"),
+            Ok(Console::File("/tmp/x.log".into()))
+        );
+        assert!(parse_console("file:").is_err());
+        assert!(parse_console("tty").is_err());
+    }
+
+    #[test]
+    fn disk() {
+        let d = parse_disk("/a/b.raw").unwrap();
+        assert_eq!((d.read_only, d.serial), (false, None));
+        let d = parse_disk("/a/b.raw,ro,serial=data1").unwrap();
+        assert!(d.read_only);
+        assert_eq!(d.serial.as_deref(), Some("data1"));
+        assert!(parse_disk("").is_err());
+        assert!(parse_disk(",ro").is_err());
+        assert!(parse_disk("/a,rx").is_err());
+        assert!(parse_disk("/a,serial=123456789012345678901").is_err());
+    }
+
+    #[test]
+    fn net() {
+        let n = parse_net("tap=tap0,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(parse_net("tap=t1").unwrap().mac, None);
+        assert!(parse_net("mac=52:54:00:12:34:56").is_err());
+        assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
+        assert!(parse_net("tap=t,mac=52:54:00:12:34").is_err());
+        assert!(parse_net("tap=t,mac=52:54:00:12:34:56:78").is_err());
+        assert!(parse_net("tap=averyveryverylongname").is_err());
+    }
+
+    #[test]
+    fn vsock() {
+        let v = parse_vsock("cid=3,uds=/tmp/v.sock").unwrap();
+        assert_eq!((v.cid, v.uds_path), (3, PathBuf::from("/tmp/v.sock")));
+        assert!(parse_vsock("cid=2,uds=/x").is_err());
+        assert!(parse_vsock("cid=3").is_err());
+        assert!(parse_vsock("uds=/x").is_err());
+        assert!(parse_vsock("cid=x,uds=/x").is_err());
+        assert_eq!(
+            parse_vsock_port("1024=/tmp/io.podman"),
+            Ok((1024, PathBuf::from("/tmp/io.podman")))
+        );
+        assert!(parse_vsock_port("1024").is_err());
+        assert!(parse_vsock_port("x=/a").is_err());
+        assert!(parse_vsock_port("1024=").is_err());
+    }
+}

@@ -1,0 +1,305 @@
+//! The embedding API's input: what VM to build. [`VmConfig`] holds plain
+//! data; [`VmConfig::validate`] checks everything that can be checked
+//! without touching the host; [`VmBuilder`] is the fluent way to fill it in.
+
+use std::path::PathBuf;
+
+use b2p_boot::layout::{MAX_VCPUS, MIN_MEMORY_MIB};
+
+use crate::{Error, Vm};
+
+/// Command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// Guest memory when none is given, in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+/// Largest guest memory accepted, in MiB (1 TiB: the guest physical map
+/// stays far below the 46-bit limit of common hosts).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Appended to the command line when the boot timer is on.
+pub const BOOT_TIMER_CMDLINE: &str = "b2p.boot_timer=1";
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Console {
+    /// Output to stdout; stdin is the input when it is a terminal (raw mode,
+    /// restored when the VM ends).
+    #[default]
+    Stdio,
+    /// Output to a file (created or truncated); no input.
+    File(PathBuf),
+    /// Output discarded; no input.
+    None,
+}
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Returned by VIRTIO_BLK_T_GET_ID (at most 20 bytes).
+    pub serial: Option<String>,
+}
+
+/// A virtio-net device on a TAP interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// The virtio-vsock device (Firecracker's hybrid Unix-socket protocol).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Guest CID (3 or more).
+    pub cid: u32,
+    /// Host side: `CONNECT <port>` here; guest connections go to `<uds_path>_<port>`.
+    pub uds_path: PathBuf,
+}
+
+/// Everything needed to build a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The full kernel command line (`--boot-timer` appends to it).
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub vcpus: usize,
+    pub console: Console,
+    /// Map the boot-timer device and tell the guest (`b2p.boot_timer=1`).
+    pub boot_timer: bool,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
+    /// `--vsock-port PORT=PATH`: listen on PATH, join to guest port PORT.
+    pub vsock_ports: Vec<(u32, PathBuf)>,
+    /// A virtio-rng device fed by the host's getrandom.
+    pub virtio_rng: bool,
+    /// Print `b2p-vmm: timing ...` lines to stderr.
+    pub timings: bool,
+    /// CLOCK_MONOTONIC ns when the process started (timings and the boot
+    /// timer count from here); `None` = when the VM was started.
+    pub start_ns: Option<u64>,
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            vcpus: 1,
+            console: Console::Stdio,
+            boot_timer: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            vsock_ports: Vec::new(),
+            virtio_rng: false,
+            timings: false,
+            start_ns: None,
+        }
+    }
+
+    /// The command line the guest gets.
+    pub fn effective_cmdline(&self) -> String {
+        if self.boot_timer {
+            let c = self.cmdline.trim_end();
+            if c.is_empty() {
+                BOOT_TIMER_CMDLINE.to_string()
+            } else {
+                format!("{c} {BOOT_TIMER_CMDLINE}")
+            }
+        } else {
+            self.cmdline.clone()
+        }
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+
+    /// Checks that need no host resources.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooLarge(self.memory_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.cmdline.as_bytes().contains(&0) {
+            return Err(ConfigError::CmdlineNul);
+        }
+        for d in &self.disks {
+            if let Some(s) = &d.serial {
+                if s.len() > 20 {
+                    return Err(ConfigError::DiskSerial(s.clone()));
+                }
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid == u32::MAX {
+                return Err(ConfigError::VsockCid(v.cid));
+            }
+        }
+        if !self.vsock_ports.is_empty() && self.vsock.is_none() {
+            return Err(ConfigError::VsockPortWithoutVsock);
+        }
+        let mut ports: Vec<u32> = self.vsock_ports.iter().map(|(p, _)| *p).collect();
+        ports.sort_unstable();
+        if let Some(w) = ports.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::VsockPortTwice(w[0]));
+        }
+        Ok(())
+    }
+}
+
+/// A config that cannot work, found before touching the host.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--memory {0} MiB is too small (at least {MIN_MEMORY_MIB} MiB)")]
+    MemoryTooSmall(u64),
+    #[error("--memory {0} MiB is too large (at most {MAX_MEMORY_MIB} MiB)")]
+    MemoryTooLarge(u64),
+    #[error("--cpus {0} is out of range (1 to {MAX_VCPUS})")]
+    Vcpus(usize),
+    #[error("the command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("disk serial {0:?} is longer than 20 bytes")]
+    DiskSerial(String),
+    #[error("vsock CID {0} is reserved (use 3 or more)")]
+    VsockCid(u32),
+    #[error("--vsock-port needs --vsock")]
+    VsockPortWithoutVsock,
+    #[error("vsock port {0} is given twice")]
+    VsockPortTwice(u32),
+}
+
+/// Fluent construction of a [`VmConfig`], ending in a running [`Vm`].
+#[derive(Clone, Debug)]
+pub struct VmBuilder {
+    config: VmConfig,
+}
+
+impl VmBuilder {
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmBuilder {
+            config: VmConfig::new(kernel),
+        }
+    }
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.initrd = Some(path.into());
+        self
+    }
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.config.cmdline = cmdline.into();
+        self
+    }
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.config.memory_mib = mib;
+        self
+    }
+    pub fn vcpus(mut self, n: usize) -> Self {
+        self.config.vcpus = n;
+        self
+    }
+    pub fn console(mut self, console: Console) -> Self {
+        self.config.console = console;
+        self
+    }
+    pub fn boot_timer(mut self, on: bool) -> Self {
+        self.config.boot_timer = on;
+        self
+    }
+    pub fn disk(mut self, disk: DiskConfig) -> Self {
+        self.config.disks.push(disk);
+        self
+    }
+    pub fn net(mut self, net: NetConfig) -> Self {
+        self.config.nets.push(net);
+        self
+    }
+    pub fn vsock(mut self, vsock: VsockConfig) -> Self {
+        self.config.vsock = Some(vsock);
+        self
+    }
+    pub fn vsock_port(mut self, port: u32, path: impl Into<PathBuf>) -> Self {
+        self.config.vsock_ports.push((port, path.into()));
+        self
+    }
+    pub fn virtio_rng(mut self, on: bool) -> Self {
+        self.config.virtio_rng = on;
+        self
+    }
+    pub fn timings(mut self, on: bool) -> Self {
+        self.config.timings = on;
+        self
+    }
+    pub fn start_ns(mut self, ns: u64) -> Self {
+        self.config.start_ns = Some(ns);
+        self
+    }
+    /// The config built so far.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+    /// Validate, build and start the VM.
+    pub fn start(self) -> Result<Vm, Error> {
+        Vm::start(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        let ok = VmConfig::new("k");
+        assert_eq!(ok.validate(), Ok(()));
+        let mut c = ok.clone();
+        c.memory_mib = MIN_MEMORY_MIB - 1;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::MemoryTooSmall(MIN_MEMORY_MIB - 1))
+        );
+        let mut c = ok.clone();
+        c.vcpus = 0;
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
+        c.vcpus = 255;
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(255)));
+        c.vcpus = 254;
+        assert_eq!(c.validate(), Ok(()));
+        let mut c = ok.clone();
+        c.vsock_ports.push((1024, "/x".into()));
+        assert_eq!(c.validate(), Err(ConfigError::VsockPortWithoutVsock));
+        c.vsock = Some(VsockConfig {
+            cid: 2,
+            uds_path: "/v".into(),
+        });
+        assert_eq!(c.validate(), Err(ConfigError::VsockCid(2)));
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds_path: "/v".into(),
+        });
+        c.vsock_ports.push((1024, "/y".into()));
+        assert_eq!(c.validate(), Err(ConfigError::VsockPortTwice(1024)));
+    }
+
+    #[test]
+    fn boot_timer_cmdline() {
+        let mut c = VmConfig::new("k");
+        c.cmdline = "console=ttyS0 ".into();
+        assert_eq!(c.effective_cmdline(), "console=ttyS0 ");
+        c.boot_timer = true;
+        assert_eq!(c.effective_cmdline(), "console=ttyS0 b2p.boot_timer=1");
+        c.cmdline.clear();
+        assert_eq!(c.effective_cmdline(), "b2p.boot_timer=1");
+    }
+}

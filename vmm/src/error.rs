@@ -1,0 +1,101 @@
+//! Errors of the b2p-vmm library. Messages carry context only; the cause
+//! is the `source()` chain (print with anyhow's `{:#}` to get both).
+
+use std::path::PathBuf;
+
+use crate::config::ConfigError;
+
+/// Why a VM could not be built, or why it ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("kernel {}", path.display())]
+    KernelOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel {}", path.display())]
+    Kernel {
+        path: PathBuf,
+        #[source]
+        source: b2p_boot::Error,
+    },
+    #[error("initrd {}", path.display())]
+    InitrdOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("initrd {}", path.display())]
+    Initrd {
+        path: PathBuf,
+        #[source]
+        source: b2p_boot::Error,
+    },
+    #[error("initrd {} ({size} bytes) is larger than guest memory ({memory_mib} MiB)", path.display())]
+    InitrdLargerThanMemory {
+        path: PathBuf,
+        size: u64,
+        memory_mib: u64,
+    },
+    #[error("cannot open /dev/kvm: {0}{hint}", hint = kvm_hint(.0))]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("KVM: {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM lacks a required capability: {0}")]
+    KvmCapability(&'static str),
+    #[error("{vcpus} vCPUs requested but KVM supports at most {max}")]
+    TooManyVcpus { vcpus: usize, max: usize },
+    #[error("cannot allocate {mib} MiB of guest memory")]
+    Memory {
+        mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("guest boot setup")]
+    Boot(#[from] b2p_boot::Error),
+    #[error("console file {}", path.display())]
+    ConsoleFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("terminal")]
+    Terminal(#[source] std::io::Error),
+    #[error("device setup: {0}")]
+    Device(String),
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vCPU {vcpu}: {reason}")]
+    Vcpu { vcpu: usize, reason: String },
+    #[error("vCPU {vcpu}: {exit} at RIP {rip:#x}, instruction bytes [{insn}]")]
+    GuestFault {
+        vcpu: usize,
+        exit: String,
+        rip: u64,
+        insn: String,
+    },
+}
+
+fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
+    match e.errno() {
+        libc::ENOENT => " (no KVM on this host: load kvm-intel/kvm-amd or enable virtualization)",
+        libc::EACCES | libc::EPERM => {
+            " (add the user to the kvm group or fix the device's permissions)"
+        }
+        _ => "",
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,51 @@
+//! Building the virtio devices a [`VmConfig`] asks for and wiring them
+//! through the [`DeviceManager`].
+
+use std::sync::{Arc, Mutex};
+
+use b2p_devices::virtio::block::{Block, BlockConfig};
+use b2p_devices::virtio::rng::Rng;
+use kvm_ioctls::VmFd;
+
+use crate::config::VmConfig;
+use crate::devices::DeviceManager;
+use crate::error::{Error, Result};
+use crate::event_loop::Manager;
+use crate::GuestMemoryMmap;
+
+/// Create and wire every virtio device of `config`, in a fixed order
+/// (disks, nets, vsock, rng) so DSDT node names stay stable.
+pub fn add_devices(
+    config: &VmConfig,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    events: &mut Manager,
+    devices: &mut DeviceManager,
+) -> Result<()> {
+    for disk in &config.disks {
+        let name = format!("disk {}", disk.path.display());
+        let block = Block::new(BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            serial: disk.serial.clone(),
+        })
+        .map_err(|e| Error::Device(e.to_string()))?;
+        devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(block)), &name)?;
+    }
+    if let Some(net) = config.nets.first() {
+        return Err(Error::Device(format!(
+            "--net tap={}: virtio-net is not available in this build yet",
+            net.tap
+        )));
+    }
+    if config.vsock.is_some() {
+        return Err(Error::Device(
+            "--vsock: virtio-vsock is not available in this build yet".into(),
+        ));
+    }
+    if config.virtio_rng {
+        let rng = Rng::new().map_err(|e| Error::Device(format!("virtio-rng: {e}")))?;
+        devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(rng)), "virtio-rng")?;
+    }
+    Ok(())
+}

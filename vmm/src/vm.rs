@@ -1,0 +1,434 @@
+//! A running VM: [`Vm::start`] builds everything from a [`VmConfig`] (in the
+//! order that is cheapest on KVM) and starts one thread per vCPU plus the
+//! event loop; [`Vm::wait`] returns how the guest ended; [`Vm::stop`] and
+//! [`StopHandle`] end it from outside.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use b2p_boot::bootparams::{self, Initrd};
+use b2p_boot::kernel::{self, EntryPoint};
+use b2p_boot::layout::ram_regions;
+use b2p_boot::paging::{self, CpuMode};
+use b2p_devices::legacy::boot_timer::monotonic_ns;
+use b2p_devices::legacy::{EventSink, LegacyEvent};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use std::os::unix::thread::JoinHandleExt;
+
+use crate::config::{Console, VmConfig};
+use crate::console::{self, ConsoleInput, TerminalGuard};
+use crate::devices::DeviceManager;
+use crate::error::{Error, Result};
+use crate::event_loop::{self, EventLoop, Subscriber};
+use crate::vcpu::{self, Vcpu};
+use crate::{virtio, GuestMemoryMmap};
+
+/// How the guest ended (all of these make `b2p-vmm` exit 0).
+#[derive(Debug)]
+pub enum VmExit {
+    /// ACPI S5 or a KVM shutdown system event.
+    PowerOff,
+    /// i8042 reset or a KVM reset system event.
+    Reset,
+    /// KVM_EXIT_SHUTDOWN: the guest triple-faulted (also how some guests reboot).
+    TripleFault,
+    /// KVM reported a guest crash (system event).
+    Crash,
+    /// Another KVM system event.
+    SystemEvent(u32),
+    /// [`Vm::stop`] was called (SIGTERM/SIGINT in `b2p-vmm`).
+    Stopped,
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::PowerOff => write!(f, "guest powered off"),
+            VmExit::Reset => write!(f, "guest reset"),
+            VmExit::TripleFault => write!(f, "guest triple fault (shutdown)"),
+            VmExit::Crash => write!(f, "guest crashed"),
+            VmExit::SystemEvent(k) => write!(f, "KVM system event {k}"),
+            VmExit::Stopped => write!(f, "stopped"),
+        }
+    }
+}
+
+/// Milestones in µs since the process (or VM) started.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    /// The first vCPU exit of any kind (≈ first guest instruction).
+    pub first_exit_us: Option<u64>,
+    /// The boot-timer write.
+    pub boot_timer_us: Option<u64>,
+}
+
+/// State shared by the vCPU threads, the devices and the handle.
+pub struct Shared {
+    outcome: Mutex<Option<Result<VmExit>>>,
+    cond: Condvar,
+    pub(crate) stopping: AtomicBool,
+    start_ns: u64,
+    print_timings: bool,
+    first_exit_us: AtomicU64,
+    boot_timer_us: AtomicU64,
+}
+
+const UNSET: u64 = u64::MAX;
+
+impl Shared {
+    fn new(start_ns: u64, print_timings: bool) -> Self {
+        Shared {
+            outcome: Mutex::new(None),
+            cond: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            start_ns,
+            print_timings,
+            first_exit_us: AtomicU64::new(UNSET),
+            boot_timer_us: AtomicU64::new(UNSET),
+        }
+    }
+
+    fn since_start_us(&self) -> u64 {
+        monotonic_ns().saturating_sub(self.start_ns) / 1000
+    }
+
+    /// Record the first vCPU exit (cheap after the first call).
+    pub(crate) fn note_first_exit(&self) {
+        if self.first_exit_us.load(Ordering::Relaxed) != UNSET {
+            return;
+        }
+        let us = self.since_start_us();
+        if self
+            .first_exit_us
+            .compare_exchange(UNSET, us, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            && self.print_timings
+        {
+            eprintln!("b2p-vmm: timing first_exit_us={us}");
+        }
+    }
+
+    fn note_boot_complete(&self, us: u64) {
+        if self
+            .boot_timer_us
+            .compare_exchange(UNSET, us, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            if self.print_timings {
+                eprintln!("b2p-vmm: timing boot_timer_us={us}");
+            } else {
+                log::info!("guest boot complete after {us} us");
+            }
+        }
+    }
+
+    /// End the VM with `outcome` (the first outcome wins).
+    pub(crate) fn finish(&self, outcome: Result<VmExit>) {
+        let mut g = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(outcome);
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.cond.notify_all();
+    }
+
+    fn timings(&self) -> Timings {
+        let get = |a: &AtomicU64| Some(a.load(Ordering::Acquire)).filter(|v| *v != UNSET);
+        Timings {
+            first_exit_us: get(&self.first_exit_us),
+            boot_timer_us: get(&self.boot_timer_us),
+        }
+    }
+}
+
+/// Ends a VM from any thread (e.g. a signal-handling thread).
+#[derive(Clone)]
+pub struct StopHandle(Arc<Shared>);
+
+impl StopHandle {
+    /// Ask the VM to stop; [`Vm::wait`] then returns [`VmExit::Stopped`].
+    pub fn stop(&self) {
+        self.0.finish(Ok(VmExit::Stopped));
+    }
+}
+
+/// A running VM.
+pub struct Vm {
+    shared: Arc<Shared>,
+    vcpu_threads: Vec<JoinHandle<()>>,
+    event_loop: Option<EventLoop>,
+    terminal: Option<TerminalGuard>,
+    // Keep KVM objects and guest memory alive until the vCPU threads are gone.
+    _vm_fd: Arc<kvm_ioctls::VmFd>,
+    _mem: GuestMemoryMmap,
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+impl Vm {
+    /// Validate `config`, build the VM and start its vCPUs.
+    pub fn start(config: VmConfig) -> Result<Vm> {
+        let start_ns = config.start_ns.unwrap_or_else(monotonic_ns);
+        config.validate()?;
+        let mem_size = config.memory_bytes();
+        let cmdline = config.effective_cmdline();
+
+        // Host files first: a bad path should fail before KVM is touched.
+        let mut kernel_file = File::open(&config.kernel).map_err(|source| Error::KernelOpen {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        kernel::detect_format(&mut kernel_file).map_err(|source| Error::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        let initrd_file = match &config.initrd {
+            None => None,
+            Some(path) => {
+                let open_err = |source| Error::InitrdOpen {
+                    path: path.clone(),
+                    source,
+                };
+                let f = File::open(path).map_err(open_err)?;
+                let size = f.metadata().map_err(open_err)?.len();
+                if size > mem_size {
+                    return Err(Error::InitrdLargerThanMemory {
+                        path: path.clone(),
+                        size,
+                        memory_mib: config.memory_mib,
+                    });
+                }
+                Some((path.clone(), f, size))
+            }
+        };
+        let output = console::open_output(&config.console)?;
+
+        // KVM: memory before the irqchip (DESIGN §3).
+        let (kvm, vm_fd) = crate::kvm::create_vm()?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if config.vcpus > max_vcpus {
+            return Err(Error::TooManyVcpus {
+                vcpus: config.vcpus,
+                max: max_vcpus,
+            });
+        }
+        let mem = GuestMemoryMmap::from_ranges(&ram_regions(mem_size)).map_err(|source| {
+            Error::Memory {
+                mib: config.memory_mib,
+                source,
+            }
+        })?;
+        crate::kvm::register_memory(&vm_fd, &mem)?;
+        crate::kvm::setup_irqchip(&vm_fd)?;
+
+        // Guest image.
+        let loaded = kernel::load_kernel(&mem, mem_size, &mut kernel_file).map_err(|source| {
+            Error::Kernel {
+                path: config.kernel.clone(),
+                source,
+            }
+        })?;
+        let initrd = match initrd_file {
+            None => None,
+            Some((path, mut f, size)) => {
+                let addr = kernel::load_initrd(&mem, mem_size, &loaded, &mut f, size)
+                    .map_err(|source| Error::Initrd { path, source })?;
+                Some(Initrd { addr, size })
+            }
+        };
+        bootparams::write_cmdline(&mem, &loaded, &cmdline)?;
+        match loaded.entry {
+            EntryPoint::Linux64(_) => {
+                bootparams::write_zero_page(&mem, &loaded, mem_size, cmdline.len(), initrd)?;
+                paging::write_page_tables(&mem)?;
+                paging::write_gdt(&mem, CpuMode::Long)?;
+            }
+            EntryPoint::Pvh(_) => {
+                bootparams::write_pvh_start_info(&mem, mem_size, initrd)?;
+                paging::write_gdt(&mem, CpuMode::Protected32)?;
+            }
+        }
+
+        // Devices.
+        let shared = Arc::new(Shared::new(start_ns, config.timings));
+        let sink_shared = shared.clone();
+        let events: EventSink = Arc::new(move |e| match e {
+            LegacyEvent::PowerOff => sink_shared.finish(Ok(VmExit::PowerOff)),
+            LegacyEvent::Reset => sink_shared.finish(Ok(VmExit::Reset)),
+            LegacyEvent::BootComplete { since_start_us } => {
+                sink_shared.note_boot_complete(since_start_us)
+            }
+        });
+        let mut event_manager = event_loop::new_manager()?;
+        let mut devices = DeviceManager::new()?;
+        let interactive = config.console == Console::Stdio && console::stdin_is_tty();
+        let input_ready = if interactive {
+            Some(EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?)
+        } else {
+            None
+        };
+        let serial = devices.add_legacy(
+            &vm_fd,
+            output,
+            input_ready
+                .as_ref()
+                .map(|e| e.try_clone())
+                .transpose()
+                .map_err(io("eventfd"))?,
+            events,
+            config.boot_timer.then_some(start_ns),
+        )?;
+        virtio::add_devices(&config, &vm_fd, &mem, &mut event_manager, &mut devices)?;
+        b2p_boot::acpi::write_tables(&mem, config.vcpus, &devices.virtio_slots)?;
+
+        // vCPUs.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| Error::Kvm {
+                what: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        let mut vcpu_fds = Vec::with_capacity(config.vcpus);
+        for i in 0..config.vcpus {
+            vcpu_fds.push(vcpu::create_vcpu(
+                &vm_fd,
+                &supported,
+                i,
+                config.vcpus,
+                loaded.entry,
+            )?);
+        }
+        vcpu::install_kick_handler()?;
+
+        // Console input and the event loop.
+        let terminal = match input_ready {
+            Some(ready) => {
+                let guard = TerminalGuard::raw(libc::STDIN_FILENO)?;
+                let input: Subscriber = Arc::new(Mutex::new(ConsoleInput::new(serial, ready)));
+                event_manager_add(&mut event_manager, input);
+                Some(guard)
+            }
+            None => None,
+        };
+        let event_loop = EventLoop::start(event_manager)?;
+
+        let pio = Arc::new(devices.pio);
+        let mmio = Arc::new(devices.mmio);
+        let vm_fd = Arc::new(vm_fd);
+        let mut vm = Vm {
+            shared: shared.clone(),
+            vcpu_threads: Vec::with_capacity(config.vcpus),
+            event_loop: Some(event_loop),
+            terminal,
+            _vm_fd: vm_fd,
+            _mem: mem.clone(),
+        };
+        if config.timings {
+            eprintln!("b2p-vmm: timing vm_ready_us={}", shared.since_start_us());
+        }
+        for (index, fd) in vcpu_fds.into_iter().enumerate() {
+            let v = Vcpu {
+                index,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: mem.clone(),
+                shared: shared.clone(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("b2p-vcpu{index}"))
+                .spawn(move || v.run())
+                .map_err(io("spawning a vCPU thread"))?;
+            vm.vcpu_threads.push(t);
+        }
+        Ok(vm)
+    }
+
+    /// A handle that stops this VM from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.shared.clone())
+    }
+
+    /// Ask the VM to stop ([`Vm::wait`] returns [`VmExit::Stopped`]).
+    pub fn stop(&self) {
+        self.stop_handle().stop();
+    }
+
+    /// Whether the VM has ended (or is ending).
+    pub fn has_ended(&self) -> bool {
+        self.shared.stopping.load(Ordering::Acquire)
+    }
+
+    /// Boot milestones so far.
+    pub fn timings(&self) -> Timings {
+        self.shared.timings()
+    }
+
+    /// Time from start to the guest's boot-timer write, once it happened.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.timings().boot_timer_us.map(Duration::from_micros)
+    }
+
+    /// Wait until the guest ends (or [`Vm::stop`]), tear the VM down and say how it ended.
+    pub fn wait(mut self) -> Result<VmExit> {
+        let outcome = {
+            let mut g = self
+                .shared
+                .outcome
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            while g.is_none() {
+                g = self.shared.cond.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.take()
+        };
+        self.teardown();
+        outcome.unwrap_or(Ok(VmExit::Stopped))
+    }
+
+    /// Stop the vCPUs (kicking them out of KVM_RUN), the event loop, and
+    /// restore the terminal.
+    fn teardown(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        let sig = vcpu::kick_signal();
+        let threads = std::mem::take(&mut self.vcpu_threads);
+        for _ in 0..1000 {
+            if threads.iter().all(|t| t.is_finished()) {
+                break;
+            }
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                // SAFETY: the pthread is alive (not finished, not joined).
+                unsafe { libc::pthread_kill(t.as_pthread_t(), sig) };
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        if let Some(mut el) = self.event_loop.take() {
+            el.stop();
+        }
+        self.terminal.take();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.vcpu_threads.is_empty() || self.event_loop.is_some() {
+            self.shared.finish(Ok(VmExit::Stopped));
+            self.teardown();
+        }
+    }
+}
+
+fn event_manager_add(m: &mut event_loop::Manager, s: Subscriber) {
+    use event_manager::SubscriberOps;
+    m.add_subscriber(s);
+}
+
+use vmm_sys_util::eventfd::EventFd;
