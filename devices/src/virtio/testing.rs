@@ -10,8 +10,6 @@
 //!
 //! Compiled for unit tests and behind the `test-utils` cargo feature.
 
-use std::collections::HashMap;
-
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -113,7 +111,7 @@ pub struct DriverQueue {
     last_used: u16,
     free: Vec<u16>,
     /// Descriptor indices to free when a head comes back.
-    in_flight: HashMap<u16, Vec<u16>>,
+    in_flight: Vec<Vec<u16>>,
 }
 
 /// Errors of the init sequence.
@@ -255,7 +253,7 @@ impl TestDriver {
             avail_idx: 0,
             last_used: 0,
             free: (0..size).rev().collect(),
-            in_flight: HashMap::new(),
+            in_flight: vec![Vec::new(); usize::from(size)],
         };
         let i = usize::from(index);
         if self.queues.len() <= i {
@@ -267,7 +265,7 @@ impl TestDriver {
                 avail_idx: 0,
                 last_used: 0,
                 free: Vec::new(),
-                in_flight: HashMap::new(),
+                in_flight: Vec::new(),
             });
         }
         self.queues[i] = q;
@@ -405,7 +403,7 @@ impl TestDriver {
             );
         }
         let head = ids[0];
-        self.queue(q).in_flight.insert(head, ids);
+        self.queue(q).in_flight[usize::from(head)] = ids;
         self.publish(q, head);
         head
     }
@@ -449,7 +447,7 @@ impl TestDriver {
                 next: 0,
             },
         );
-        self.queue(q).in_flight.insert(head, ids);
+        self.queue(q).in_flight[usize::from(head)] = ids;
         self.publish(q, head);
         head
     }
@@ -476,8 +474,8 @@ impl TestDriver {
             out.push(UsedElem { id, len });
             last = last.wrapping_add(1);
             let dq = self.queue(q);
-            if let Some(ids) = u16::try_from(id).ok().and_then(|h| dq.in_flight.remove(&h)) {
-                dq.free.extend(ids);
+            if let Some(ids) = dq.in_flight.get_mut(id as usize) {
+                dq.free.append(ids);
             }
         }
         self.queue(q).last_used = last;

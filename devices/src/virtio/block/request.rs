@@ -111,13 +111,25 @@ fn sub_ranges(ranges: &[Range], mut skip: u64, mut take: u64, out: &mut Vec<Rang
     }
 }
 
-/// Copy the first `buf.len()` bytes of the stream into `buf`.
+/// Address of the last byte of the stream.
+fn last_byte(ranges: &[Range]) -> Option<GuestAddress> {
+    let r = ranges.iter().rev().find(|r| r.len > 0)?;
+    r.addr.checked_add(r.len - 1)
+}
+
+/// Copy `buf.len()` bytes of the stream, from byte `skip` on, into `buf`.
 fn read_stream(
     mem: &GuestMemoryMmap,
     ranges: &[Range],
     skip: u64,
     buf: &mut [u8],
 ) -> Result<(), GuestMemoryError> {
+    // Fast path: all of it inside the first range (the usual header).
+    if let Some(first) = ranges.first() {
+        if skip + buf.len() as u64 <= first.len {
+            return mem.read_slice(buf, first.addr.unchecked_add(skip));
+        }
+    }
     let mut parts = Vec::new();
     sub_ranges(ranges, skip, buf.len() as u64, &mut parts);
     let mut at = 0usize;
@@ -239,9 +251,7 @@ pub fn process(ctx: &mut Context<'_>, chain: impl Iterator<Item = Descriptor>) -
         return dropped;
     }
     // The status is the last writable byte.
-    let mut status_at = Vec::with_capacity(1);
-    sub_ranges(writable, w_total - 1, 1, &mut status_at);
-    let Some(status_addr) = status_at.first().map(|r| r.addr) else {
+    let Some(status_addr) = last_byte(writable) else {
         return dropped;
     };
     if !GuestMemoryBackend::check_range(ctx.mem, status_addr, 1) {

@@ -1,0 +1,207 @@
+//! virtio-blk throughput, in-process: requests go through the MMIO
+//! transport, the event loop (queue eventfd) and the device into a real
+//! file, against plain pread/pwrite of the same sizes and offsets on the
+//! same file. Run: `cargo bench -p b2p-devices --bench blk`
+//! (env B2P_BENCH_DIR picks the directory of the image, default the temp dir).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use b2p_devices::virtio::block::{req_status, req_type, Block, BlockConfig};
+use b2p_devices::virtio::mmio::MmioTransport;
+use b2p_devices::virtio::testing::{guest_memory, Arena, Seg, TestDriver};
+use event_manager::{EventManager, SubscriberOps};
+use vm_memory::{Bytes, GuestAddress};
+
+const FILE_SIZE: u64 = 256 << 20;
+const QUEUE_DEPTH: usize = 32;
+
+struct Dev {
+    d: TestDriver,
+    em: EventManager<Arc<Mutex<Block>>>,
+    hdrs: Vec<GuestAddress>,
+    bufs: Vec<GuestAddress>,
+    stats: Vec<GuestAddress>,
+}
+
+impl Dev {
+    fn new(path: &std::path::Path, req: usize) -> Dev {
+        let mem = guest_memory(QUEUE_DEPTH * req + (8 << 20));
+        let blk = Block::new(BlockConfig {
+            path: path.to_owned(),
+            read_only: false,
+            serial: None,
+        })
+        .unwrap();
+        let blk = Arc::new(Mutex::new(blk));
+        let t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
+        let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
+        em.add_subscriber(blk);
+        let size = (QUEUE_DEPTH * req + (7 << 20)) as u64;
+        let mut d = TestDriver::new(mem, t, Arena::new(GuestAddress(0x10000), size));
+        d.init(1 << 9 | 1 << 29, 256).unwrap(); // FLUSH, EVENT_IDX
+        em.run_with_timeout(100).unwrap();
+        let mut hdrs = Vec::new();
+        let mut bufs = Vec::new();
+        let mut stats = Vec::new();
+        for _ in 0..QUEUE_DEPTH {
+            hdrs.push(d.buf(16));
+            bufs.push(d.arena.alloc(req as u64, 4096));
+            stats.push(d.buf(1));
+        }
+        Dev {
+            d,
+            em,
+            hdrs,
+            bufs,
+            stats,
+        }
+    }
+
+    /// Run `offsets` as requests of `req` bytes, QUEUE_DEPTH at a time.
+    fn run(&mut self, write: bool, offsets: &[u64], req: usize) {
+        for batch in offsets.chunks(QUEUE_DEPTH) {
+            for (i, off) in batch.iter().enumerate() {
+                let mut h = [0u8; 16];
+                let t = if write { req_type::OUT } else { req_type::IN };
+                h[0..4].copy_from_slice(&t.to_le_bytes());
+                h[8..16].copy_from_slice(&(off / 512).to_le_bytes());
+                self.d.mem.write_slice(&h, self.hdrs[i]).unwrap();
+                let data = if write {
+                    Seg::ro(self.bufs[i], req as u32)
+                } else {
+                    Seg::wo(self.bufs[i], req as u32)
+                };
+                self.d.add_chain(
+                    0,
+                    &[Seg::ro(self.hdrs[i], 16), data, Seg::wo(self.stats[i], 1)],
+                );
+            }
+            // Interrupt after the whole batch (EVENT_IDX), like a busy driver.
+            let last = self.d.used_idx(0).wrapping_add(batch.len() as u16 - 1);
+            self.d.set_used_event(0, last);
+            self.d.notify(0);
+            let mut got = 0;
+            while got < batch.len() {
+                self.em.run_with_timeout(1000).unwrap();
+                got += self.d.used(0).len();
+            }
+            let _ = self.d.transport.irq().irq_evt().read();
+            for s in &self.stats[..batch.len()] {
+                let st: u8 = self.d.mem.read_obj(*s).unwrap();
+                assert_eq!(st, req_status::OK);
+            }
+        }
+    }
+}
+
+fn plain(file: &File, write: bool, offsets: &[u64], buf: &mut [u8]) {
+    for off in offsets {
+        if write {
+            file.write_all_at(buf, *off).unwrap();
+        } else {
+            file.read_exact_at(buf, *off).unwrap();
+        }
+    }
+}
+
+/// xorshift: reproducible random offsets.
+fn random_offsets(n: usize, req: u64) -> Vec<u64> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let slots = FILE_SIZE / req;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % slots) * req
+        })
+        .collect()
+}
+
+fn best_of(rounds: usize, mut f: impl FnMut()) -> Duration {
+    (0..rounds)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
+fn main() {
+    // `cargo test --benches` runs this with --bench absent: stay quick then.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let dir = tempfile::tempdir_in(
+        std::env::var_os("B2P_BENCH_DIR").unwrap_or_else(|| std::env::temp_dir().into()),
+    )
+    .unwrap();
+    let path = dir.path().join("bench.raw");
+    {
+        // A fully allocated image, in the page cache.
+        let f = File::create(&path).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        for i in 0..FILE_SIZE >> 20 {
+            f.write_all_at(&chunk, i << 20).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let rounds = if quick { 1 } else { 5 };
+    println!(
+        "virtio-blk in-process vs pread/pwrite, {} MiB image, queue depth {QUEUE_DEPTH}, best of {rounds}",
+        FILE_SIZE >> 20
+    );
+    println!(
+        "{:<22} {:>12} {:>12} {:>12} {:>12} {:>7}",
+        "workload", "device MB/s", "device IOPS", "plain MB/s", "plain IOPS", "ratio"
+    );
+    let cases: [(&str, usize, bool, bool); 4] = [
+        ("seq read 128 KiB", 128 << 10, false, false),
+        ("seq write 128 KiB", 128 << 10, true, false),
+        ("rand read 4 KiB", 4096, false, true),
+        ("rand write 4 KiB", 4096, true, true),
+    ];
+    for (name, req, write, random) in cases {
+        let n = if random {
+            if quick {
+                2_000
+            } else {
+                50_000
+            }
+        } else if quick {
+            64
+        } else {
+            (FILE_SIZE / req as u64) as usize
+        };
+        let offsets: Vec<u64> = if random {
+            random_offsets(n, req as u64)
+        } else {
+            (0..n as u64).map(|i| i * req as u64).collect()
+        };
+        let bytes = (n * req) as f64;
+        let mut dev = Dev::new(&path, req);
+        let td = best_of(rounds, || dev.run(write, &offsets, req));
+        drop(dev);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut buf = vec![0xa5u8; req];
+        let tp = best_of(rounds, || plain(&file, write, &offsets, &mut buf));
+        let mbs = |t: Duration| bytes / t.as_secs_f64() / 1e6;
+        let iops = |t: Duration| n as f64 / t.as_secs_f64();
+        println!(
+            "{:<22} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>7.2}",
+            name,
+            mbs(td),
+            iops(td),
+            mbs(tp),
+            iops(tp),
+            tp.as_secs_f64() / td.as_secs_f64()
+        );
+    }
+}
