@@ -1,0 +1,9 @@
+#!/bin/sh
+# Agent hook: the init runs this (unless the kernel command line says
+# b2p.agent=0) once the data disk and the network are up. Output goes to
+# /var/log/b2p-agent.log.
+if [ ! -x /usr/bin/b2p-agent ]; then
+  echo "b2p-agent: /usr/bin/b2p-agent is not in this image"
+  exit 0
+fi
+exec /usr/bin/b2p-agent
