@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use log::{debug, warn};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -97,7 +97,7 @@ async fn run_call(
     if call.upgrade {
         return Err(VarlinkError::method_not_implemented(&call.method));
     }
-    let params = call.parameters.unwrap_or_else(Map::new);
+    let params = call.parameters.unwrap_or_default();
     iface
         .check_input(method, &params)
         .map_err(|e| VarlinkError::invalid_parameter(&e.0))?;

@@ -74,11 +74,18 @@ fn bool_param(p: &Map<String, Value>, key: &str) -> bool {
 /// The io.podman implementation.
 pub struct Podman {
     rest: PodmanService,
+    /// GetVersion's answer, with the service generation it came from:
+    /// Podman's /version runs conmon and the OCI runtime each time (seconds
+    /// on a busy machine), and its answer only changes with the service.
+    version: std::sync::Mutex<Option<(u64, Value)>>,
 }
 
 impl Podman {
     pub fn new(rest: PodmanService) -> Self {
-        Self { rest }
+        Self {
+            rest,
+            version: std::sync::Mutex::new(None),
+        }
     }
 
     pub fn service(&self) -> &PodmanService {
@@ -135,12 +142,25 @@ impl Podman {
     }
 
     async fn get_version(&self) -> Result<Value, VarlinkError> {
+        // The service must answer (this also starts it); the cached version
+        // is used only while the service this agent saw is still the one.
+        drop(self.rest.connect().await.map_err(plain)?);
+        let generation = self.rest.generation();
+        if let Ok(cache) = self.version.lock() {
+            if let Some((_, v)) = cache.as_ref().filter(|(g, _)| *g == generation) {
+                return Ok(v.clone());
+            }
+        }
         let v = self
             .rest
             .json(Method::GET, &format!("{API}/version"), None)
             .await
             .map_err(plain)?;
-        Ok(convert::version(&v))
+        let v = convert::version(&v);
+        if let Ok(mut cache) = self.version.lock() {
+            *cache = Some((generation, v.clone()));
+        }
+        Ok(v)
     }
 
     async fn get_info(&self) -> Result<Value, VarlinkError> {

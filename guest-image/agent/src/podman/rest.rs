@@ -3,6 +3,7 @@
 //! it does not answer and the agent was told how to start it.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE;
@@ -68,6 +69,8 @@ pub struct PodmanService {
     socket: PathBuf,
     podman_bin: Option<PathBuf>,
     child: Mutex<Option<Child>>,
+    /// Bumped each time the agent starts the service.
+    generation: AtomicU64,
 }
 
 impl PodmanService {
@@ -78,7 +81,14 @@ impl PodmanService {
             socket,
             podman_bin,
             child: Mutex::new(None),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// How many times this agent started the service: answers cached from
+    /// an older generation are stale.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Whether the service answers now (no start attempt).
@@ -111,6 +121,7 @@ impl PodmanService {
         }
         if child.is_none() {
             *child = Some(self.spawn()?);
+            self.generation.fetch_add(1, Ordering::Relaxed);
         }
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {

@@ -1,0 +1,424 @@
+//! Tier-3 tests of the guest agent without a VM: b2p-agent on Unix sockets
+//! in front of the host's real Podman (`podman system service`, started by
+//! the agent itself), driven by the python `varlink` client from PyPI
+//! (tests/varlink/*.py), by b2p's own client (`b2p varlink`), and by a stock
+//! `podman --remote` through the agent's REST forwarder.
+//!
+//! Podman gets a private store, containers.conf and storage.conf under a
+//! temporary directory, and runs in a private mount namespace. Where a
+//! hybrid cgroup layout mounts cgroup2 at /sys/fs/cgroup/unified, crun
+//! refuses to run ("cgroups in hybrid mode not supported"): that mount is
+//! detached inside the namespace only. Containers get no network
+//! (netns "none"), so the host's network is never touched.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "localhost/busybox:latest";
+
+fn skip(reason: &str) {
+    eprintln!("SKIP: {reason}");
+}
+
+fn have(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Why these tests cannot run here, if they cannot.
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (podman service and a private mount namespace)".into());
+    }
+    if !have("podman", &["--version"]) {
+        return Some("podman is not installed (apt-get install podman crun conmon)".into());
+    }
+    if !have("python3", &["-c", "import varlink"]) {
+        return Some("python varlink is missing (pip install varlink)".into());
+    }
+    if !have("unshare", &["--version"]) {
+        return Some("unshare (util-linux) is missing".into());
+    }
+    if busybox_static().is_none() {
+        return Some("no static busybox (apt-get install busybox-static)".into());
+    }
+    None
+}
+
+fn busybox_static() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| {
+            // A static ELF has no PT_INTERP: look for the interpreter path.
+            std::fs::read(p)
+                .map(|b| b.starts_with(b"\x7fELF") && !b.windows(12).any(|w| w == b"/lib64/ld-li"))
+                .unwrap_or(false)
+        })
+}
+
+/// The workspace's target profile directory (where cargo put this test).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/agent-<hash>
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// The b2p-agent binary: `B2P_AGENT_BIN`, else built with cargo next to
+/// this test.
+fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("B2P_AGENT_BIN") {
+        return p.into();
+    }
+    let profile = profile_dir();
+    let target = profile.parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "b2p-agent", "--target-dir"])
+        .arg(target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build -p b2p-agent");
+    assert!(status.success(), "cargo build -p b2p-agent failed");
+    profile.join("b2p-agent")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A private Podman setup and an agent serving it.
+struct Fixture {
+    dir: PathBuf,
+    agent: Child,
+}
+
+impl Fixture {
+    fn varlink(&self) -> PathBuf {
+        self.dir.join("varlink.sock")
+    }
+
+    fn forward(&self) -> PathBuf {
+        self.dir.join("podman-fwd.sock")
+    }
+
+    fn podman_env(&self, cmd: &mut Command) {
+        cmd.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"));
+    }
+
+    fn start(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("b2p-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("rootfs/bin")).unwrap();
+        std::fs::write(
+            dir.join("containers.conf"),
+            "[containers]\nnetns = \"none\"\n\
+             default_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\
+             [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{0}/root\"\nrunroot = \"{0}/run\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("milestones"), "kernel 0.000\ninit 0.250\n").unwrap();
+
+        // The offline busybox image, from busybox-static.
+        let bb = busybox_static().unwrap();
+        std::fs::copy(&bb, dir.join("rootfs/bin/busybox")).unwrap();
+        for applet in ["sh", "echo", "sleep", "cat", "ls", "true"] {
+            std::os::unix::fs::symlink("busybox", dir.join("rootfs/bin").join(applet)).unwrap();
+        }
+        run(Command::new("tar")
+            .arg("-C")
+            .arg(dir.join("rootfs"))
+            .arg("-cf")
+            .arg(dir.join("busybox.tar"))
+            .arg("."));
+        let mut fx = Fixture {
+            dir: dir.clone(),
+            agent: Command::new("true").spawn().unwrap(),
+        };
+        let mut import = Command::new("podman");
+        fx.podman_env(&mut import);
+        run(import.arg("import").arg(dir.join("busybox.tar")).arg(IMAGE));
+
+        let mut agent = Command::new("unshare");
+        fx.podman_env(&mut agent);
+        agent
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(
+                "if grep -q ' /sys/fs/cgroup/unified cgroup2 ' /proc/mounts; then \
+                   umount /sys/fs/cgroup/unified || exit 1; fi; exec \"$0\" \"$@\"",
+            )
+            .arg(agent_binary())
+            .arg("--unix")
+            .arg(fx.varlink())
+            .arg("--forward-unix")
+            .arg(fx.forward())
+            .arg("--podman-socket")
+            .arg(dir.join("podman.sock"))
+            .arg("--milestones")
+            .arg(dir.join("milestones"))
+            .arg("--data-mount")
+            .arg(&dir)
+            .arg("--shutdown-command")
+            .arg(format!(
+                "touch {}",
+                dir.join("shutdown-requested").display()
+            ))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap());
+        let _ = fx.agent.wait();
+        fx.agent = agent.spawn().expect("starting b2p-agent");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(fx.varlink()).is_err() {
+            if let Ok(Some(status)) = fx.agent.try_wait() {
+                panic!("b2p-agent exited with {status}: {}", fx.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not listen: {}",
+                fx.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        fx
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    fn python(&self, script: &str, args: &[&str]) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/varlink")
+            .join(script);
+        let out = Command::new("python3")
+            .arg(path)
+            .arg(format!("unix:{}", self.varlink().display()))
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!(
+            "{script}:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "{script} failed; agent log:\n{}",
+            self.log()
+        );
+        stdout
+    }
+
+    /// One raw varlink call on a fresh connection.
+    fn call(&self, method: &str, params: &str) -> serde_json::Value {
+        let mut s = UnixStream::connect(self.varlink()).unwrap();
+        let mut c = BufReader::new(s.try_clone().unwrap());
+        write!(s, "{{\"method\":\"{method}\",\"parameters\":{params}}}\0").unwrap();
+        let mut buf = Vec::new();
+        c.read_until(0, &mut buf).unwrap();
+        serde_json::from_slice(&buf[..buf.len() - 1]).unwrap()
+    }
+
+    fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.agent.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // SIGTERM: the agent stops the podman service it started.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.agent.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.agent.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.agent.kill();
+        let _ = self.agent.wait();
+        if std::env::var_os("B2P_KEEP_TEST_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[test]
+fn agent_serves_io_podman_to_python_varlink_and_podman_remote() {
+    if let Some(reason) = missing_prerequisite() {
+        return skip(&reason);
+    }
+    let fx = Fixture::start("agent");
+
+    // The python varlink client: interfaces, GetVersion, images, a container
+    // run end to end, errors, 50 concurrent clients.
+    let out = fx.python("conformance.py", &[IMAGE]);
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+
+    // Shutdown answers first and then runs the configured command.
+    let r = fx.call("io.b2p.Machine.Shutdown", "{}");
+    assert_eq!(r, serde_json::json!({"parameters": {}}));
+    let flag = fx.dir.join("shutdown-requested");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !flag.exists() {
+        assert!(Instant::now() < deadline, "shutdown command never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The milestones of the init file come back in order, with the agent's.
+    let r = fx.call("io.b2p.Machine.GetStatus", "{}");
+    let names: Vec<&str> = r["parameters"]["status"]["milestones"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(names[..2], ["kernel", "init"], "{r}");
+    assert!(names.contains(&"agent-listening"), "{r}");
+
+    // A stock podman client through the agent's REST forwarder.
+    let url = format!("unix://{}", fx.forward().display());
+    let out = run(Command::new("podman").args(["--remote", "--url", &url, "version"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Server:") && text.contains("Version:"),
+        "{text}"
+    );
+    let out = run(Command::new("podman").args(["--remote", "--url", &url, "ps", "-a"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CONTAINER ID"));
+    let out = run(Command::new("podman").args(["--remote", "--url", &url, "images"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("localhost/busybox"));
+}
+
+#[test]
+fn b2p_cli_calls_the_agent() {
+    if let Some(reason) = missing_prerequisite() {
+        return skip(&reason);
+    }
+    let fx = Fixture::start("cli");
+    let address = format!("unix:{}", fx.varlink().display());
+    let b2p = env!("CARGO_BIN_EXE_b2p");
+    let out = run(Command::new(b2p).args(["varlink", &address, "call", "io.podman.GetVersion"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["remote_api_version"], 1, "{v}");
+    assert!(v["os_arch"].as_str().unwrap().starts_with("linux/"), "{v}");
+
+    // A container through the CLI alone.
+    let out = run(Command::new(b2p).args([
+        "varlink",
+        &address,
+        "call",
+        "io.podman.CreateContainer",
+        &format!(r#"{{"create":{{"args":["{IMAGE}","echo","from b2p"]}}}}"#),
+    ]));
+    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["container"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p = format!(r#"{{"name":"{id}"}}"#);
+    run(Command::new(b2p).args(["varlink", &address, "call", "io.podman.StartContainer", &p]));
+    let out = run(Command::new(b2p).args([
+        "varlink",
+        &address,
+        "call",
+        "io.podman.WaitContainer",
+        &format!(r#"{{"name":"{id}","interval":50}}"#),
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"exitcode\": 0"));
+    let out = run(Command::new(b2p).args([
+        "varlink",
+        &address,
+        "call",
+        "io.podman.GetContainerLogs",
+        &p,
+    ]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("from b2p"));
+
+    // An error reply: exit status 1, the error as JSON on stderr.
+    let out = Command::new(b2p)
+        .args([
+            "varlink",
+            &address,
+            "call",
+            "io.podman.GetContainer",
+            r#"{"id":"nope"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(e["error"], "io.podman.ContainerNotFound");
+    // A bad address: exit status 2 with one clear line.
+    let out = Command::new(b2p)
+        .args(["varlink", "tcp:1.2.3.4", "call", "io.podman.GetVersion"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn agent_figures_rss_and_getversion_latency() {
+    if let Some(reason) = missing_prerequisite() {
+        return skip(&reason);
+    }
+    let fx = Fixture::start("figures");
+    let out = fx.python("latency.py", &["1000"]);
+    // The same over a raw socket, without the python client's own cost.
+    let mut s = UnixStream::connect(fx.varlink()).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut samples = Vec::with_capacity(1000);
+    let mut buf = Vec::new();
+    for _ in 0..1001 {
+        let t0 = Instant::now();
+        s.write_all(b"{\"method\":\"io.podman.GetVersion\"}\0")
+            .unwrap();
+        buf.clear();
+        r.read_until(0, &mut buf).unwrap();
+        samples.push(t0.elapsed());
+    }
+    samples.remove(0);
+    samples.sort();
+    let rss = fx.rss_kib().unwrap_or(0);
+    eprintln!(
+        "FIGURES: agent RSS {rss} KiB after the run; {}; raw socket GetVersion p50 {:?} p99 {:?}",
+        out.trim(),
+        samples[500],
+        samples[990]
+    );
+    let mut rest = String::new();
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = r.read_to_string(&mut rest);
+}
