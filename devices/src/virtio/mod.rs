@@ -31,6 +31,7 @@ pub mod mmio;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod vsock;
 
 pub use mmio::MmioTransport;
 
