@@ -6,7 +6,7 @@
  *   probe.initrd_sum=0xHEX FNV-1a 64 over the initrd's 64-bit words
  *   probe.initrd_size=N   expected initrd size in bytes
  *   probe.hold_ms=N       stay alive N ms before powering off (RSS bench)
- *   probe.quick=1         boot timer + poweroff right away (timing bench)
+ *   probe.quick=1         boot timer + poweroff right away, quiet (timing bench)
  *   b2p.boot_timer=1      write the boot timer (b2p-vmm --boot-timer adds it)
  */
 #include "probe.h"

@@ -23,6 +23,7 @@ void probe_main(u64 zero_page, u64 load_addr)
 	int timer = cmdline_flag("b2p.boot_timer");
 	if (quick && timer)
 		boot_timer_write();
+	console_quiet = quick;	/* timing runs print FAIL lines only */
 
 	console_init();
 	pr("\nprobe: hello\n");

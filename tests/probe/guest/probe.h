@@ -62,6 +62,7 @@ u64 fnv1a64_words(const void *p, usize n);
 
 /* ---- console.c: 8250 serial at 0x3f8 ---- */
 void console_init(void);
+extern int console_quiet;
 void pr(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* ---- console.c: check bookkeeping ---- */
