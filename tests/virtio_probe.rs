@@ -242,14 +242,12 @@ fn blk_flush_is_fdatasync_before_completion() {
     // After the sync returns, the device signals completion through an
     // eventfd write (8 bytes) in the same thread.
     let pid = lines[sync].split_whitespace().next().unwrap_or("");
-    let signalled = lines[sync + 1..]
-        .iter()
-        .any(|l| {
-            l.starts_with(pid)
-                && l.contains(" write(")
-                && l.contains(", 8)")
-                && l.trim_end().ends_with("= 8")
-        });
+    let signalled = lines[sync + 1..].iter().any(|l| {
+        l.starts_with(pid)
+            && l.contains(" write(")
+            && l.contains(", 8)")
+            && l.trim_end().ends_with("= 8")
+    });
     assert!(signalled, "no completion signal after the sync\n{trace}");
 }
 
@@ -395,7 +393,7 @@ fn wait_for_console(log: &Path, needle: &str, child: &mut Child, limit: Duration
 fn vsock_connect(uds: &Path, port: u32) -> UnixStream {
     let mut s = UnixStream::connect(uds).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "CONNECT {port}\n").unwrap();
+    writeln!(s, "CONNECT {port}").unwrap();
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while b[0] != b'\n' {
