@@ -44,13 +44,19 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
-/// In-kernel LAPIC/IOAPIC/PIC and PIT; both 8259s masked, since a guest
-/// that never programs the PIC would otherwise take its interrupts on
-/// garbage vectors through LINT0 (ExtINT).
-pub fn setup_irqchip(vm: &VmFd) -> Result<()> {
+/// The in-kernel LAPIC/IOAPIC/PIC (after the memory: DESIGN §3).
+pub fn create_irqchip(vm: &VmFd) -> Result<()> {
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))
+}
+
+/// The in-kernel PIT, and both 8259s masked, since a guest that never
+/// programs the PIC would otherwise take its interrupts on garbage vectors
+/// through LINT0 (ExtINT). Creating the PIT starts a kernel thread, which
+/// can take milliseconds on a busy host: [`crate::vm`] runs this in
+/// parallel with loading the guest image.
+pub fn setup_pit_and_pic(vm: &VmFd) -> Result<()> {
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()

@@ -228,6 +228,7 @@ fn handle_exit(index: usize, exit: VcpuExit<'_>, run: *mut kvm_run, pio: &Bus, m
         VcpuExit::IoOut(port, data) => {
             // SAFETY: the exit reason is KVM_EXIT_IO, so `io` is the live union member.
             let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size }).max(1);
+            log::trace!("vCPU {index}: out {port:#x} {data:02x?}");
             for chunk in data.chunks(size) {
                 pio.write(u64::from(port), chunk);
             }
@@ -241,6 +242,7 @@ fn handle_exit(index: usize, exit: VcpuExit<'_>, run: *mut kvm_run, pio: &Bus, m
                     chunk.fill(0xff);
                 }
             }
+            log::trace!("vCPU {index}: in {port:#x} -> {data:02x?}");
             Next::Continue
         }
         VcpuExit::MmioRead(addr, data) => {
@@ -248,6 +250,7 @@ fn handle_exit(index: usize, exit: VcpuExit<'_>, run: *mut kvm_run, pio: &Bus, m
                 log::debug!("unhandled MMIO read at {addr:#x} ({} bytes)", data.len());
                 data.fill(0);
             }
+            log::trace!("vCPU {index}: mmio read {addr:#x} -> {data:02x?}");
             Next::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {

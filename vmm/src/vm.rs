@@ -177,6 +177,13 @@ impl Vm {
         config.validate()?;
         let mem_size = config.memory_bytes();
         let cmdline = config.effective_cmdline();
+        let stage = |name: &str| {
+            if config.timings {
+                let us = monotonic_ns().saturating_sub(start_ns) / 1000;
+                eprintln!("b2p-vmm: timing {name}_us={us}");
+            }
+        };
+        stage("vm_start");
 
         // Host files first: a bad path should fail before KVM is touched.
         let mut kernel_file = File::open(&config.kernel).map_err(|source| Error::KernelOpen {
@@ -224,86 +231,116 @@ impl Vm {
             }
         })?;
         crate::kvm::register_memory(&vm_fd, &mem)?;
-        crate::kvm::setup_irqchip(&vm_fd)?;
+        crate::kvm::create_irqchip(&vm_fd)?;
+        stage("kvm_vm");
 
-        // Guest image.
-        let loaded = kernel::load_kernel(&mem, mem_size, &mut kernel_file).map_err(|source| {
-            Error::Kernel {
-                path: config.kernel.clone(),
-                source,
-            }
-        })?;
-        let initrd = match initrd_file {
-            None => None,
-            Some((path, mut f, size)) => {
-                let addr = kernel::load_initrd(&mem, mem_size, &loaded, &mut f, size)
-                    .map_err(|source| Error::Initrd { path, source })?;
-                Some(Initrd { addr, size })
-            }
-        };
-        bootparams::write_cmdline(&mem, &loaded, &cmdline)?;
-        match loaded.entry {
-            EntryPoint::Linux64(_) => {
-                bootparams::write_zero_page(&mem, &loaded, mem_size, cmdline.len(), initrd)?;
-                paging::write_page_tables(&mem)?;
-                paging::write_gdt(&mem, CpuMode::Long)?;
-            }
-            EntryPoint::Pvh(_) => {
-                bootparams::write_pvh_start_info(&mem, mem_size, initrd)?;
-                paging::write_gdt(&mem, CpuMode::Protected32)?;
-            }
-        }
+        let (pit, built) = std::thread::scope(|s| {
+            // The PIT (a kernel thread) is created while the image loads.
+            let pit = s.spawn(|| crate::kvm::setup_pit_and_pic(&vm_fd));
+            let built = (|| -> Result<_> {
+                // Guest image.
+                let loaded =
+                    kernel::load_kernel(&mem, mem_size, &mut kernel_file).map_err(|source| {
+                        Error::Kernel {
+                            path: config.kernel.clone(),
+                            source,
+                        }
+                    })?;
+                let initrd = match initrd_file {
+                    None => None,
+                    Some((path, mut f, size)) => {
+                        let addr = kernel::load_initrd(&mem, mem_size, &loaded, &mut f, size)
+                            .map_err(|source| Error::Initrd { path, source })?;
+                        Some(Initrd { addr, size })
+                    }
+                };
+                bootparams::write_cmdline(&mem, &loaded, &cmdline)?;
+                match loaded.entry {
+                    EntryPoint::Linux64(_) => {
+                        bootparams::write_zero_page(
+                            &mem,
+                            &loaded,
+                            mem_size,
+                            cmdline.len(),
+                            initrd,
+                        )?;
+                        paging::write_page_tables(&mem)?;
+                        paging::write_gdt(&mem, CpuMode::Long)?;
+                    }
+                    EntryPoint::Pvh(_) => {
+                        bootparams::write_pvh_start_info(&mem, mem_size, initrd)?;
+                        paging::write_gdt(&mem, CpuMode::Protected32)?;
+                    }
+                }
 
-        // Devices.
-        let shared = Arc::new(Shared::new(start_ns, config.timings));
-        let sink_shared = shared.clone();
-        let events: EventSink = Arc::new(move |e| match e {
-            LegacyEvent::PowerOff => sink_shared.finish(Ok(VmExit::PowerOff)),
-            LegacyEvent::Reset => sink_shared.finish(Ok(VmExit::Reset)),
-            LegacyEvent::BootComplete { since_start_us } => {
-                sink_shared.note_boot_complete(since_start_us)
-            }
+                stage("guest_image");
+
+                // Devices.
+                let shared = Arc::new(Shared::new(start_ns, config.timings));
+                let sink_shared = shared.clone();
+                let events: EventSink = Arc::new(move |e| match e {
+                    LegacyEvent::PowerOff => sink_shared.finish(Ok(VmExit::PowerOff)),
+                    LegacyEvent::Reset => sink_shared.finish(Ok(VmExit::Reset)),
+                    LegacyEvent::BootComplete { since_start_us } => {
+                        sink_shared.note_boot_complete(since_start_us)
+                    }
+                });
+                let mut event_manager = event_loop::new_manager()?;
+                let mut devices = DeviceManager::new()?;
+                let interactive = config.console == Console::Stdio && console::stdin_is_tty();
+                let input_ready = if interactive {
+                    Some(EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?)
+                } else {
+                    None
+                };
+                let serial = devices.add_legacy(
+                    &vm_fd,
+                    output,
+                    input_ready
+                        .as_ref()
+                        .map(|e| e.try_clone())
+                        .transpose()
+                        .map_err(io("eventfd"))?,
+                    events,
+                    config.boot_timer.then_some(start_ns),
+                )?;
+                virtio::add_devices(&config, &vm_fd, &mem, &mut event_manager, &mut devices)?;
+                b2p_boot::acpi::write_tables(&mem, config.vcpus, &devices.virtio_slots)?;
+
+                stage("devices");
+
+                // vCPUs.
+                let supported =
+                    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                        .map_err(|source| Error::Kvm {
+                            what: "KVM_GET_SUPPORTED_CPUID",
+                            source,
+                        })?;
+                let mut vcpu_fds = Vec::with_capacity(config.vcpus);
+                for i in 0..config.vcpus {
+                    vcpu_fds.push(vcpu::create_vcpu(
+                        &vm_fd,
+                        &supported,
+                        i,
+                        config.vcpus,
+                        loaded.entry,
+                    )?);
+                }
+                vcpu::install_kick_handler()?;
+                stage("vcpus");
+                Ok((
+                    shared,
+                    event_manager,
+                    devices,
+                    input_ready,
+                    serial,
+                    vcpu_fds,
+                ))
+            })();
+            (pit.join(), built)
         });
-        let mut event_manager = event_loop::new_manager()?;
-        let mut devices = DeviceManager::new()?;
-        let interactive = config.console == Console::Stdio && console::stdin_is_tty();
-        let input_ready = if interactive {
-            Some(EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?)
-        } else {
-            None
-        };
-        let serial = devices.add_legacy(
-            &vm_fd,
-            output,
-            input_ready
-                .as_ref()
-                .map(|e| e.try_clone())
-                .transpose()
-                .map_err(io("eventfd"))?,
-            events,
-            config.boot_timer.then_some(start_ns),
-        )?;
-        virtio::add_devices(&config, &vm_fd, &mem, &mut event_manager, &mut devices)?;
-        b2p_boot::acpi::write_tables(&mem, config.vcpus, &devices.virtio_slots)?;
-
-        // vCPUs.
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| Error::Kvm {
-                what: "KVM_GET_SUPPORTED_CPUID",
-                source,
-            })?;
-        let mut vcpu_fds = Vec::with_capacity(config.vcpus);
-        for i in 0..config.vcpus {
-            vcpu_fds.push(vcpu::create_vcpu(
-                &vm_fd,
-                &supported,
-                i,
-                config.vcpus,
-                loaded.entry,
-            )?);
-        }
-        vcpu::install_kick_handler()?;
+        pit.map_err(|_| Error::Device("PIT setup thread panicked".into()))??;
+        let (shared, mut event_manager, devices, input_ready, serial, vcpu_fds) = built?;
 
         // Console input and the event loop.
         let terminal = match input_ready {
