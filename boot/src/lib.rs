@@ -29,7 +29,7 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 /// Everything that can go wrong while preparing a guest to boot.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read the kernel image: {0}")]
+    #[error("cannot read the kernel image")]
     KernelRead(#[source] std::io::Error),
     #[error("not a Linux kernel: neither a bzImage nor an ELF vmlinux")]
     NotAKernel,
@@ -38,14 +38,14 @@ pub enum Error {
     #[error("the bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)")]
     No64BitEntry,
     #[error("cannot load the kernel: {0}")]
-    KernelLoad(#[source] linux_loader::loader::Error),
+    KernelLoad(linux_loader::loader::Error),
     #[error("guest memory too small for the kernel: it needs {needed} bytes from {start:#x}, RAM ends at {ram_end:#x}")]
     KernelTooBig {
         start: u64,
         needed: u64,
         ram_end: u64,
     },
-    #[error("cannot read the initrd: {0}")]
+    #[error("cannot read the initrd")]
     InitrdRead(#[source] std::io::Error),
     #[error("initrd of {size} bytes does not fit in guest memory ({available} bytes free between the kernel and {limit:#x}); raise --memory")]
     InitrdTooBig {
@@ -61,7 +61,7 @@ pub enum Error {
     AcpiTooLarge { size: usize, max: usize },
     #[error("unsupported vCPU count {0} (1 to {max})", max = layout::MAX_VCPUS)]
     VcpuCount(usize),
-    #[error("writing guest memory at {addr:#x}: {source}")]
+    #[error("writing guest memory at {addr:#x}")]
     GuestMemory {
         addr: u64,
         #[source]
