@@ -2,8 +2,9 @@
 //! `b2p-vmm run` CLI, the same bzImage path Linux takes, and asserts what
 //! the guest found from inside: 64-bit entry with boot_params, the E820 map
 //! against --memory, the command line, the initrd bytes, the ACPI tables
-//! (RSDP/XSDT/FACP/APIC/DSDT with checksums, one LAPIC per vCPU), then the
-//! boot-timer write and an ACPI S5 poweroff that ends the monitor with 0.
+//! (RSDP/XSDT/FACP/APIC/DSDT with checksums, one LAPIC per vCPU), every AP
+//! started with INIT-SIPI-SIPI, then the boot-timer write and an ACPI S5
+//! poweroff that ends the monitor with 0 (APs still halted).
 
 mod common;
 
@@ -115,6 +116,11 @@ fn boot_and_check(test: &str, cpus: u32, mem: u64) {
     assert_line(&console, &format!("lapics={cpus} ioapics=1"), &out);
     assert_line(&console, "probe: acpi DSDT s5=5", &out);
     assert_line(&console, "hypervisor=1", &out);
+    if cpus > 1 {
+        // Every MADT LAPIC is a vCPU that INIT-SIPI-SIPI brings to long mode.
+        let aps = cpus - 1;
+        assert_line(&console, &format!("probe: smp started {aps} of {aps} APs"), &out);
+    }
     assert_line(&console, "probe: PASS", &out);
     assert_line(&console, "probe: boot timer written", &out);
     assert_line(&console, "probe: poweroff via ACPI S5", &out);

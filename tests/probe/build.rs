@@ -23,6 +23,7 @@ const SOURCES: &[&str] = &[
     "blk.c",
     "net.c",
     "vsock.c",
+    "smp.c",
 ];
 
 const CFLAGS: &[&str] = &[

@@ -204,6 +204,7 @@ static void check_madt(void)
 	acpi.lapic_base = rd32(m + 36);
 	u32 flags = rd32(m + 40);
 	u32 lapics = 0, ioapics = 0, bad = 0;
+	acpi.apic_id_count = 0;
 	u8 seen[256 / 8];
 	memset(seen, 0, sizeof(seen));
 	for (u32 off = 44; off + 2 <= len;) {
@@ -218,6 +219,8 @@ static void check_madt(void)
 			u32 fl = rd32(e + 4);
 			if (fl & 1) {
 				lapics++;
+				if (acpi.apic_id_count < sizeof(acpi.apic_ids))
+					acpi.apic_ids[acpi.apic_id_count++] = id;
 				if (seen[id / 8] & (1 << (id % 8)))
 					bad++;
 				seen[id / 8] |= (u8)(1 << (id % 8));

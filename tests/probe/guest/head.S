@@ -326,3 +326,85 @@ stack_top:
 	.align	4096
 	.globl	_bss_zero_start
 _bss_zero_start:
+
+/* ------------------------------------------------------------------ */
+/* AP trampoline: copied to AP_TRAMP (a SIPI vector page) by smp.c.    */
+/* Real mode -> protected mode -> long mode on the BSP's page tables,  */
+/* then a jump to ap_entry on the stack the BSP left in ap_stack.      */
+/* ------------------------------------------------------------------ */
+#define AP_TRAMP 0x10000
+#define T(x) (AP_TRAMP + (x) - ap_tramp)
+
+	.section .rodata.trampoline, "a"
+	.globl	ap_tramp, ap_tramp_end, ap_tramp_cr3, ap_tramp_stack, ap_tramp_entry
+	.code16
+ap_tramp:
+	cli
+	cld
+	movw	%cs, %ax
+	movw	%ax, %ds
+	lgdtl	(ap_gdt_desc - ap_tramp)
+	movl	%cr0, %eax
+	orl	$1, %eax
+	movl	%eax, %cr0
+	ljmpl	$0x08, $T(ap32)
+
+	.code32
+ap32:
+	movl	$0x10, %eax
+	movl	%eax, %ds
+	movl	%eax, %es
+	movl	%eax, %ss
+	movl	%cr4, %eax
+	orl	$0x20, %eax			/* PAE */
+	movl	%eax, %cr4
+	movl	T(ap_tramp_cr3), %eax
+	movl	%eax, %cr3
+	movl	$0xc0000080, %ecx		/* EFER.LME */
+	rdmsr
+	orl	$0x100, %eax
+	wrmsr
+	movl	%cr0, %eax
+	orl	$0x80000001, %eax		/* PG | PE */
+	movl	%eax, %cr0
+	ljmpl	$0x18, $T(ap64)
+
+	.code64
+ap64:
+	movq	T(ap_tramp_stack), %rsp
+	movq	T(ap_tramp_entry), %rax
+	jmp	*%rax
+
+	.align	8
+ap_gdt:
+	.quad	0
+	.quad	0x00cf9a000000ffff		/* 0x08: 32-bit code */
+	.quad	0x00cf92000000ffff		/* 0x10: data */
+	.quad	0x00af9a000000ffff		/* 0x18: 64-bit code */
+ap_gdt_desc:
+	.word	ap_gdt_desc - ap_gdt - 1
+	.long	T(ap_gdt)
+	.align	8
+ap_tramp_cr3:	.quad	0
+ap_tramp_stack:	.quad	0
+ap_tramp_entry:	.quad	0
+ap_tramp_end:
+
+	/* Where APs land from the trampoline: our GDT (CS 0x08 is 64-bit
+	 * code there too), data segments, then C. */
+	.text
+	.code64
+	.globl	ap_start64
+ap_start64:
+	lgdt	gdt_desc(%rip)
+	movl	$0x18, %eax
+	movl	%eax, %ds
+	movl	%eax, %es
+	movl	%eax, %ss
+	xorl	%eax, %eax
+	movl	%eax, %fs
+	movl	%eax, %gs
+	call	ap_main
+1:	cli
+	hlt
+	jmp	1b

@@ -41,6 +41,8 @@ void probe_main(u64 zero_page, u64 load_addr)
 	memtouch_check();
 	acpi_check();
 	cpu_check();
+	if (!cmdline_flag("probe.nosmp"))
+		smp_check(acpi.apic_ids, acpi.apic_id_count);
 	virtio_run_all();
 
 	if (failures)

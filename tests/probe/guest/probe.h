@@ -122,6 +122,8 @@ struct acpi_info {
 	u64 ioapic_base;
 	u32 ioapic_gsi_base;
 	u32 lapic_count;
+	u8 apic_ids[255];
+	u32 apic_id_count;
 };
 extern struct acpi_info acpi;
 void acpi_check(void);
@@ -143,6 +145,9 @@ void lapic_enable(void);
 int wait_change(volatile u32 *flag, u32 seen, u64 ms);
 typedef void (*irq_handler)(void);
 void irq_set_handler(u8 vector, irq_handler h);
+
+/* ---- smp.c ---- */
+void smp_check(const u8 *apic_ids, u32 n);
 
 /* ---- power.c ---- */
 void boot_timer_write(void);
