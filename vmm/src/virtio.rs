@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use b2p_devices::virtio::block::{Block, BlockConfig};
 use b2p_devices::virtio::rng::Rng;
+use b2p_devices::virtio::vsock::device::Vsock;
+use b2p_devices::virtio::vsock::VsockConfig as VsockDeviceConfig;
 use kvm_ioctls::VmFd;
 
 use crate::config::VmConfig;
@@ -38,10 +40,16 @@ pub fn add_devices(
             net.tap
         )));
     }
-    if config.vsock.is_some() {
-        return Err(Error::Device(
-            "--vsock: virtio-vsock is not available in this build yet".into(),
-        ));
+    if let Some(v) = &config.vsock {
+        let vsock = Vsock::new(
+            VsockDeviceConfig {
+                guest_cid: u64::from(v.cid),
+                uds_path: v.uds_path.clone(),
+            },
+            config.vsock_ports.clone(),
+        )
+        .map_err(|e| Error::Device(format!("virtio-vsock: {e}")))?;
+        devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(vsock)), "virtio-vsock")?;
     }
     if config.virtio_rng {
         let rng = Rng::new().map_err(|e| Error::Device(format!("virtio-rng: {e}")))?;
