@@ -528,6 +528,16 @@ fn vsock_echo_handshake_port_map_and_guest_connect() {
     assert!(!console.contains("probe: FAIL"), "{console}\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(status.code(), Some(0), "{console}\n{stderr}");
+    let served = console
+        .lines()
+        .find(|l| l.contains("probe: vsock echo served"))
+        .unwrap_or_default();
+    eprintln!("{test}: {served}");
+    // 2 pings + 64 concurrent + the stream + QUIT.
+    assert!(
+        served.contains("served 68 connections"),
+        "{served}\n{console}"
+    );
     for needle in [
         "probe: vsock0 guest_cid=3",
         "probe: vsock connect to cid 2 port 5678 ok, reply \"hello from the host\"",
