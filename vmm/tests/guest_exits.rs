@@ -252,3 +252,51 @@ fn not_a_kernel_is_one_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("not a Linux kernel"), "{err}");
 }
+
+#[test]
+fn stdin_tty_is_raw_for_the_guest_and_restored() {
+    if !kvm_usable() {
+        return;
+    }
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIP: script(1) (util-linux) is not installed: no pseudo-terminal to test with");
+        return;
+    }
+    // Echo every received byte back; on 'q' reset.
+    // 0: mov dx,0x3fd ; in al,dx ; test al,1 ; jz 0
+    // 9: mov dx,0x3f8 ; in al,dx ; out dx,al ; cmp al,'q' ; jne 0 ; reset
+    let mut code = vec![
+        0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7, 0x66, 0xba, 0xf8, 0x03, 0xec, 0xee,
+        0x3c, b'q', 0x75, 0xed,
+    ];
+    code.extend_from_slice(RESET);
+    let g = Guest::new("tty", &code);
+    let inner = format!(
+        "{} run --kernel {} --memory 64 --cmdline x; echo RC=$?; stty -a",
+        env!("CARGO_BIN_EXE_b2p-vmm"),
+        g.kernel.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // ^C must reach the guest as a byte, not stop the VMM.
+    stdin.write_all(b"hi\x03q").unwrap();
+    let status = wait_exit(&mut child, 30);
+    drop(stdin);
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "{out}");
+    assert!(
+        out.starts_with("hi\u{3}q"),
+        "guest echo (no local echo): {out:?}"
+    );
+    assert!(out.contains("RC=0"), "{out:?}");
+    // The terminal is back in canonical mode with echo after the VM ends.
+    assert!(out.contains(" icanon") && out.contains(" echo "), "{out:?}");
+}
