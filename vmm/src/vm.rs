@@ -445,7 +445,13 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(1));
         }
         for t in threads {
-            let _ = t.join();
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                // Stuck outside KVM_RUN (e.g. writing to a blocked stdout): leave
+                // it detached rather than hang; it owns what it still uses.
+                log::warn!("a vCPU thread did not stop within 1 s; leaving it behind");
+            }
         }
         if let Some(mut el) = self.event_loop.take() {
             el.stop();
