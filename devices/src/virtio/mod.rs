@@ -28,6 +28,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

@@ -1,0 +1,492 @@
+//! virtio-net tests against a real TAP inside a network namespace made by
+//! the test (root only; they print SKIP otherwise). The device runs behind
+//! the MMIO transport and event loop, driven by the in-process test driver;
+//! the far end of the TAP is an AF_PACKET socket in the same namespace.
+
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, SubscriberOps};
+use vm_memory::GuestAddress;
+
+use super::device::features;
+use super::*;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::testing::{guest_memory, Arena, RawDesc, Seg, TestDriver};
+
+const ETHERTYPE: u16 = 0x88b5;
+const TAP: &str = "b2ptap0";
+const MAC: MacAddr = [0x02, 0xb2, 0x70, 0, 0, 1];
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A network namespace holding one persistent TAP; deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(mtu: u32) -> Option<NetNs> {
+        if !is_root() {
+            eprintln!("SKIP: virtio-net TAP tests need root (ip netns, /dev/net/tun)");
+            return None;
+        }
+        if Command::new("ip").arg("-V").output().is_err() {
+            eprintln!("SKIP: the `ip` tool (iproute2) is missing");
+            return None;
+        }
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "b2p-net-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        assert!(ip(&["netns", "add", &name]), "ip netns add {name}");
+        let ns = NetNs(name);
+        let mtu = mtu.to_string();
+        assert!(ip(&[
+            "-n", &ns.0, "tuntap", "add", "dev", TAP, "mode", "tap"
+        ]));
+        assert!(ip(&["-n", &ns.0, "link", "set", TAP, "mtu", &mtu, "up"]));
+        Some(ns)
+    }
+
+    /// Move the calling thread into the namespace.
+    fn enter(&self) {
+        let f = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
+        // SAFETY: setns on an fd we own; affects only this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        ip(&["netns", "del", &self.0]);
+    }
+}
+
+/// An AF_PACKET socket bound to the TAP (created in the current netns).
+struct Packet {
+    fd: OwnedFd,
+}
+
+impl Packet {
+    fn open(ifname: &str) -> Packet {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2), result checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd is ours.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: valid C string.
+        let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(idx > 0);
+        // SAFETY: zeroed sockaddr_ll is valid; filled below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = idx as i32;
+        // SAFETY: sll is a valid sockaddr_ll.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0);
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: SO_RCVTIMEO takes a timeval.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        Packet { fd }
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: frame is a readable buffer.
+        let r = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            r,
+            frame.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Next frame with our ethertype, within `timeout`.
+    fn recv_ours(&self, timeout: Duration) -> Option<Vec<u8>> {
+        let end = Instant::now() + timeout;
+        let mut b = vec![0u8; 65536];
+        while Instant::now() < end {
+            // SAFETY: b is writable.
+            let r = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    b.as_mut_ptr() as *mut libc::c_void,
+                    b.len(),
+                    0,
+                )
+            };
+            if r >= 14 && u16::from_be_bytes([b[12], b[13]]) == ETHERTYPE {
+                return Some(b[..r as usize].to_vec());
+            }
+        }
+        None
+    }
+}
+
+fn frame(src: MacAddr, dst: MacAddr, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+type Em = EventManager<Arc<Mutex<Net>>>;
+
+struct Guest {
+    d: TestDriver,
+    em: Em,
+    dev: Arc<Mutex<Net>>,
+}
+
+impl Guest {
+    fn new(wanted: u64) -> Guest {
+        let net = Net::new(NetConfig {
+            tap: TAP.to_string(),
+            mac: Some(MAC),
+        })
+        .unwrap();
+        let mem = guest_memory(8 << 20);
+        let dev = Arc::new(Mutex::new(net));
+        let t = MmioTransport::new(mem.clone(), dev.clone()).unwrap();
+        let mut em = Em::new().unwrap();
+        em.add_subscriber(dev.clone());
+        let mut d = TestDriver::new(mem, t, Arena::new(GuestAddress(0x1000), (8 << 20) - 0x1000));
+        d.init(wanted, QUEUE_SIZE).unwrap();
+        em.run_with_timeout(0).unwrap();
+        Guest { d, em, dev }
+    }
+
+    fn pump_until(&mut self, q: u16, n: usize, secs: u64) -> Vec<crate::virtio::testing::UsedElem> {
+        let end = Instant::now() + Duration::from_secs(secs);
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < end {
+            self.em.run_with_timeout(20).unwrap();
+            out.extend(self.d.used(q));
+        }
+        out
+    }
+
+    fn post_rx(&mut self, n: usize, size: u32) -> Vec<(u16, GuestAddress)> {
+        let v: Vec<_> = (0..n)
+            .map(|_| {
+                let b = self.d.buf(size as usize);
+                (self.d.add_chain(RXQ as u16, &[Seg::wo(b, size)]), b)
+            })
+            .collect();
+        self.d.notify(RXQ as u16);
+        v
+    }
+}
+
+/// Run `f` in a thread inside a fresh namespace with the TAP.
+fn in_netns(mtu: u32, f: impl FnOnce() + Send + 'static) {
+    let Some(ns) = NetNs::new(mtu) else {
+        return;
+    };
+    let ns = Arc::new(ns);
+    let ns2 = ns.clone();
+    let r = std::thread::spawn(move || {
+        ns2.enter();
+        f();
+    })
+    .join();
+    drop(ns);
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn missing_tap_is_a_clear_error() {
+    let e = Net::new(NetConfig {
+        tap: "b2p-no-such0".to_string(),
+        mac: None,
+    })
+    .unwrap_err();
+    assert!(matches!(e, NetError::NoSuchTap(_)), "{e}");
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    for bad in ["", "a/b", "0123456789abcdefXX"] {
+        assert!(matches!(
+            Net::new(NetConfig {
+                tap: bad.to_string(),
+                mac: None
+            }),
+            Err(NetError::InvalidName(_))
+        ));
+    }
+    if is_root() {
+        let e = Net::new(NetConfig {
+            tap: "lo".to_string(),
+            mac: None,
+        })
+        .unwrap_err();
+        assert!(matches!(e, NetError::NotATap(_)), "{e}");
+    } else {
+        eprintln!("SKIP: 'lo is not a TAP' check needs root");
+    }
+}
+
+#[test]
+fn mac_parsing_and_config_space() {
+    assert_eq!(parse_mac("02:b2:70:00:00:01").unwrap(), MAC);
+    for bad in [
+        "01:00:00:00:00:00",
+        "02:b2:70:00:00",
+        "02:b2:70:00:00:01:02",
+        "zz:00:00:00:00:00",
+        "2:b2:70:00:00:01",
+    ] {
+        assert!(parse_mac(bad).is_err(), "{bad}");
+    }
+    let m = random_mac();
+    assert_eq!(m[0] & 3, 2);
+}
+
+#[test]
+fn guest_frame_reaches_the_tap_and_back() {
+    in_netns(1500, || {
+        let mut g = Guest::new(features::MRG_RXBUF | features::CSUM | features::GUEST_CSUM);
+        let mut cfg = [0u8; 8];
+        g.d.read_config(0, &mut cfg);
+        assert_eq!(&cfg[..6], &MAC);
+        assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1);
+        let pkt = Packet::open(TAP);
+        // Guest -> TAP.
+        let f = frame(MAC, [0xff; 6], b"b2p: from the guest");
+        let mut chain = vec![0u8; VNET_HDR_LEN];
+        chain.extend_from_slice(&f);
+        let a = g.d.buf_with(&chain);
+        // Header and frame split over two descriptors.
+        g.d.add_chain(
+            TXQ as u16,
+            &[
+                Seg::ro(a, 5),
+                Seg::ro(a.unchecked_add(5), chain.len() as u32 - 5),
+            ],
+        );
+        g.d.notify(TXQ as u16);
+        assert_eq!(g.pump_until(TXQ as u16, 1, 5).len(), 1);
+        let got = pkt
+            .recv_ours(Duration::from_secs(5))
+            .expect("frame on the TAP");
+        assert_eq!(got, f);
+        // TAP -> guest.
+        let bufs = g.post_rx(8, 2048);
+        let f = frame([0x02, 0, 0, 0, 0, 9], MAC, b"b2p: to the guest");
+        pkt.send(&f);
+        let used = loop {
+            let u = g.pump_until(RXQ as u16, 1, 5);
+            assert!(!u.is_empty(), "no frame reached the guest");
+            // Skip frames the kernel sent on its own (IPv6 ND, ...).
+            let (_, b) = bufs.iter().find(|(h, _)| u32::from(*h) == u[0].id).unwrap();
+            let data = g.d.read_buf(*b, u[0].len as usize);
+            if data.len() >= VNET_HDR_LEN + 14
+                && data[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == ETHERTYPE.to_be_bytes()
+            {
+                break data;
+            }
+        };
+        assert_eq!(&used[VNET_HDR_LEN..], &f[..]);
+        assert_eq!(u16::from_le_bytes([used[10], used[11]]), 1, "num_buffers");
+        let st = g.dev.lock().unwrap().stats();
+        assert_eq!(st.tx_frames, 1);
+        assert!(st.rx_frames >= 1);
+    });
+}
+
+#[test]
+fn mergeable_buffers_and_no_rx_buffers() {
+    in_netns(9000, || {
+        let mut g = Guest::new(features::MRG_RXBUF);
+        let pkt = Packet::open(TAP);
+        // No RX buffers yet: the frame waits, the TAP is not polled.
+        let payload: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let f = frame([0x02, 0, 0, 0, 0, 9], MAC, &payload);
+        // Let the kernel's own frames (if any) come and go first.
+        for _ in 0..5 {
+            g.em.run_with_timeout(20).unwrap();
+        }
+        pkt.send(&f);
+        for _ in 0..10 {
+            g.em.run_with_timeout(20).unwrap();
+        }
+        assert!(g.dev.lock().unwrap().rx_blocked);
+        // 1 KiB buffers: the 5 KiB frame spans several, num_buffers says so.
+        let mut bufs = g.post_rx(32, 1024);
+        let mut found = false;
+        let end = Instant::now() + Duration::from_secs(5);
+        while !found && Instant::now() < end {
+            g.em.run_with_timeout(20).unwrap();
+            let used = g.d.used(RXQ as u16);
+            let mut i = 0;
+            while i < used.len() {
+                let (_, b) = *bufs
+                    .iter()
+                    .find(|(h, _)| u32::from(*h) == used[i].id)
+                    .unwrap();
+                let first = g.d.read_buf(b, used[i].len as usize);
+                let nb = usize::from(u16::from_le_bytes([first[10], first[11]]));
+                assert!(nb >= 1 && i + nb <= used.len(), "num_buffers {nb}");
+                let mut data = first;
+                for u in &used[i + 1..i + nb] {
+                    let (_, b) = *bufs.iter().find(|(h, _)| u32::from(*h) == u.id).unwrap();
+                    data.extend(g.d.read_buf(b, u.len as usize));
+                }
+                if data[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == ETHERTYPE.to_be_bytes() {
+                    assert_eq!(&data[VNET_HDR_LEN..], &f[..]);
+                    assert_eq!(nb, (f.len() + VNET_HDR_LEN).div_ceil(1024));
+                    found = true;
+                }
+                i += nb;
+            }
+            bufs.retain(|(h, _)| !used.iter().any(|u| u.id == u32::from(*h)));
+        }
+        assert!(found, "the 5000-byte frame never reached the guest");
+    });
+}
+
+#[test]
+fn hostile_chains() {
+    in_netns(1500, || {
+        let mut g = Guest::new(features::MRG_RXBUF);
+        let end = g.d.mem_end();
+        for r in [
+            RawDesc {
+                addr: end - 8,
+                len: 64,
+                flags: 0,
+                next: 0,
+            },
+            RawDesc {
+                addr: 0x2000,
+                len: 64,
+                flags: 2,
+                next: 0,
+            },
+            RawDesc {
+                addr: 0x2000,
+                len: 4,
+                flags: 0,
+                next: 0,
+            },
+            RawDesc {
+                addr: 0x2000,
+                len: u32::MAX,
+                flags: 0,
+                next: 0,
+            },
+            RawDesc {
+                addr: 0x2000,
+                len: 64,
+                flags: 1,
+                next: 200,
+            },
+            // A syntactically valid header with garbage GSO fields.
+            RawDesc {
+                addr: 0x3000,
+                len: 200,
+                flags: 0,
+                next: 0,
+            },
+        ] {
+            g.d.mem_write_garbage(0x3000);
+            g.d.write_raw_desc(TXQ as u16, 200, r);
+            g.d.publish(TXQ as u16, 200);
+            g.d.notify(TXQ as u16);
+            assert_eq!(g.pump_until(TXQ as u16, 1, 2).len(), 1);
+        }
+        let st = g.dev.lock().unwrap().stats();
+        assert!(st.tx_dropped >= 5, "{st:?}");
+        // Hostile RX buffers: read-only, outside memory; a frame arrives.
+        let pkt = Packet::open(TAP);
+        g.d.write_raw_desc(
+            RXQ as u16,
+            200,
+            RawDesc {
+                addr: 0x2000,
+                len: 4096,
+                flags: 0,
+                next: 0,
+            },
+        );
+        g.d.publish(RXQ as u16, 200);
+        g.d.write_raw_desc(
+            RXQ as u16,
+            201,
+            RawDesc {
+                addr: end - 8,
+                len: 4096,
+                flags: 2,
+                next: 0,
+            },
+        );
+        g.d.publish(RXQ as u16, 201);
+        g.d.notify(RXQ as u16);
+        pkt.send(&frame([2, 0, 0, 0, 0, 9], MAC, b"x"));
+        g.pump_until(RXQ as u16, 2, 2);
+        assert!(g.dev.lock().unwrap().stats().rx_dropped >= 1);
+    });
+}
+
+trait Garbage {
+    fn mem_write_garbage(&mut self, at: u64);
+}
+
+impl Garbage for TestDriver {
+    fn mem_write_garbage(&mut self, at: u64) {
+        use vm_memory::Bytes;
+        let mut b = [0xffu8; 200];
+        b[1] = 0x44; // an unknown gso_type
+        self.mem.write_slice(&b, GuestAddress(at)).unwrap();
+    }
+}
+
+use vm_memory::Address;
