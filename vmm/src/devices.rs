@@ -162,3 +162,43 @@ impl DeviceManager {
         Ok(slot)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use b2p_devices::virtio::rng::Rng;
+
+    #[test]
+    fn slots_and_gsis_until_exhausted() {
+        let (_kvm, vm) = match crate::kvm::create_vm() {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("SKIP: {e}");
+                return;
+            }
+        };
+        crate::kvm::create_irqchip(&vm).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&ram_regions(64 << 20)).unwrap();
+        let mut events = crate::event_loop::new_manager().unwrap();
+        let mut dm = DeviceManager::new().unwrap();
+        assert_eq!(dm.boot_timer_slot, BOOT_TIMER_ADDR);
+        let n = (LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1) as usize;
+        for i in 0..n {
+            let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+            let slot = dm.add_virtio(&vm, &mem, &mut events, rng, "rng").unwrap();
+            assert_eq!(slot.base, BOOT_TIMER_ADDR + (i as u64 + 1) * MMIO_SLOT_SIZE);
+            assert_eq!(slot.gsi, FIRST_DEVICE_GSI + i as u32);
+        }
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let err = dm
+            .add_virtio(&vm, &mem, &mut events, rng, "rng")
+            .unwrap_err();
+        assert!(err.to_string().contains("no interrupt line left"), "{err}");
+        // The transport answers at its slot: magic "virt".
+        let mut magic = [0u8; 4];
+        assert!(dm.mmio.read(BOOT_TIMER_ADDR + MMIO_SLOT_SIZE, &mut magic));
+        assert_eq!(&magic, b"virt");
+        // Nothing is mapped at the boot-timer page unless asked for.
+        assert!(!dm.mmio.read(BOOT_TIMER_ADDR, &mut magic));
+    }
+}
