@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use b2p_devices::virtio::block::{Block, BlockConfig};
+use b2p_devices::virtio::net::{Net, NetConfig as NetDeviceConfig};
 use b2p_devices::virtio::rng::Rng;
 use b2p_devices::virtio::vsock::device::Vsock;
 use b2p_devices::virtio::vsock::VsockConfig as VsockDeviceConfig;
@@ -34,11 +35,14 @@ pub fn add_devices(
         .map_err(|e| Error::Device(e.to_string()))?;
         devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(block)), &name)?;
     }
-    if let Some(net) = config.nets.first() {
-        return Err(Error::Device(format!(
-            "--net tap={}: virtio-net is not available in this build yet",
-            net.tap
-        )));
+    for n in &config.nets {
+        let net = Net::new(NetDeviceConfig {
+            tap: n.tap.clone(),
+            mac: n.mac,
+        })
+        .map_err(|e| Error::Device(format!("--net tap={}: {e}", n.tap)))?;
+        let name = format!("net {}", n.tap);
+        devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(net)), &name)?;
     }
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(
