@@ -5,6 +5,24 @@
 //! early. The `b2p-vmm` binary is a thin CLI over this; the `b2p` manager
 //! embeds it the same way.
 //!
+//! ```no_run
+//! use b2p_vmm::{Console, VmBuilder, VmExit};
+//!
+//! let vm = VmBuilder::new("/path/to/vmlinuz64")
+//!     .initrd("/path/to/boot2podman.gz")
+//!     .memory_mib(1024)
+//!     .vcpus(2)
+//!     .console(Console::File("/tmp/console.log".into()))
+//!     .start()?;
+//! let stop = vm.stop_handle(); // e.g. for a signal thread: stop.stop()
+//! match vm.wait()? {
+//!     VmExit::PowerOff | VmExit::Stopped => {}
+//!     other => eprintln!("guest ended: {other}"),
+//! }
+//! # drop(stop);
+//! # Ok::<(), b2p_vmm::Error>(())
+//! ```
+//!
 //! Modules: [`config`] (what to build), `kvm` (VM, memory, irqchip),
 //! `vcpu` (vCPU state and run loop), `devices` (buses, allocators, wiring),
 //! `virtio` (device construction), `event_loop`, `console`, `vm`
