@@ -176,7 +176,7 @@ where
     if res.kernel_end > ram_end {
         return Err(Error::KernelTooBig {
             start: res.kernel_load.0,
-            needed: res.kernel_end - res.kernel_load.0,
+            needed: res.kernel_end.saturating_sub(res.kernel_load.0),
             ram_end,
         });
     }
