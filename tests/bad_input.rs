@@ -192,6 +192,30 @@ fn kvm_not_accessible() {
     assert_clean_error(test, &out, &["/dev/kvm", "kvm"]);
 }
 
+/// /dev/kvm absent: a private mount namespace with an empty /dev.
+#[test]
+fn kvm_absent() {
+    let test = "kvm_absent";
+    if !is_root() {
+        return skip(test, "not root: cannot make a mount namespace");
+    }
+    let Some(unshare) = which("unshare") else {
+        return skip(test, "unshare (util-linux) not found");
+    };
+    let c = case(test);
+    let script = "mount -t tmpfs b2p-empty-dev /dev && exec \"$0\" \"$@\"";
+    let mut cmd = Command::new(unshare);
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(&c.vmm)
+        .args(run_args(&c.kernel, &c.initrd, &[]))
+        .env_remove("RUST_LOG")
+        .env_remove("B2P_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("B2P_TIMINGS");
+    let out = run_with_deadline(cmd, LIMIT);
+    assert_clean_error(test, &out, &["/dev/kvm", "kvm"]);
+}
+
 #[test]
 fn console_file_not_writable() {
     let test = "console_file_not_writable";
