@@ -300,6 +300,71 @@ mod tests {
         assert!(matches!(e, Error::KernelTooBig { .. }), "{e}");
     }
 
+    /// An ELF64 with one PT_LOAD of `code` at 16 MiB and, optionally, a
+    /// PT_NOTE holding Xen's PHYS32_ENTRY note.
+    fn fake_elf(code: &[u8], pvh_entry: Option<u32>) -> Vec<u8> {
+        let load: u64 = 0x100_0000;
+        let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
+        let mut f = vec![0u8; 0x1000];
+        f[0..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[6] = 1;
+        f[16..18].copy_from_slice(&2u16.to_le_bytes());
+        f[18..20].copy_from_slice(&62u16.to_le_bytes());
+        f[24..32].copy_from_slice(&load.to_le_bytes());
+        f[32..40].copy_from_slice(&64u64.to_le_bytes());
+        f[52..54].copy_from_slice(&64u16.to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&phnum.to_le_bytes());
+        let ph = |f: &mut Vec<u8>, i: usize, ty: u32, off: u64, addr: u64, len: u64| {
+            let p = &mut f[64 + i * 56..64 + (i + 1) * 56];
+            p[0..4].copy_from_slice(&ty.to_le_bytes());
+            p[8..16].copy_from_slice(&off.to_le_bytes());
+            p[16..24].copy_from_slice(&addr.to_le_bytes());
+            p[24..32].copy_from_slice(&addr.to_le_bytes());
+            p[32..40].copy_from_slice(&len.to_le_bytes());
+            p[40..48].copy_from_slice(&len.to_le_bytes());
+        };
+        ph(&mut f, 0, 1, 0x1000, load, code.len() as u64);
+        if let Some(entry) = pvh_entry {
+            // namesz 4, descsz 4, type 18 (XEN_ELFNOTE_PHYS32_ENTRY), "Xen\0", entry
+            let mut note = Vec::new();
+            for v in [4u32, 4, 18] {
+                note.extend_from_slice(&v.to_le_bytes());
+            }
+            note.extend_from_slice(b"Xen\0");
+            note.extend_from_slice(&entry.to_le_bytes());
+            f[0x800..0x800 + note.len()].copy_from_slice(&note);
+            ph(&mut f, 1, 4, 0x800, 0, note.len() as u64);
+        }
+        f.extend_from_slice(code);
+        f
+    }
+
+    #[test]
+    fn loads_an_elf_vmlinux_with_and_without_pvh() {
+        let m = mem(64 << 20);
+        let k = load_kernel(&m, 64 << 20, &mut Cursor::new(fake_elf(&[0xf4; 64], None))).unwrap();
+        assert_eq!(k.entry, EntryPoint::Linux64(0x100_0000));
+        assert!(k.setup_header.is_none());
+        let b: u8 = m.read_obj(GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(b, 0xf4);
+        let img = fake_elf(&[0xf4; 64], Some(0x100_0020));
+        let k = load_kernel(&m, 64 << 20, &mut Cursor::new(img)).unwrap();
+        assert_eq!(k.entry, EntryPoint::Pvh(0x100_0020));
+        // The initrd goes above the kernel, below the end of RAM.
+        let addr = initrd_placement(&k, 64 << 20, 4096).unwrap();
+        assert!(addr >= k.end && addr + 4096 <= 64 << 20);
+        // A kernel linked beyond guest memory is refused, not loaded half-way.
+        let small = mem(32 << 20);
+        let mut big = fake_elf(&[0xf4; 64], None);
+        big.resize(0x1000 + (20 << 20), 0);
+        big[96..104].copy_from_slice(&(20u64 << 20).to_le_bytes()); // p_filesz
+        big[104..112].copy_from_slice(&(20u64 << 20).to_le_bytes()); // p_memsz
+        assert!(load_kernel(&small, 32 << 20, &mut Cursor::new(big)).is_err());
+    }
+
     #[test]
     fn initrd_goes_high_and_page_aligned() {
         let m = mem(64 << 20);
