@@ -38,6 +38,18 @@ pub fn uptime() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// This process's resident set size in bytes (VmRSS).
+pub fn rss_bytes() -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok())
+        })
+        .map_or(0, |kib| kib.saturating_mul(1024))
+}
+
 fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
@@ -153,6 +165,7 @@ impl Machine {
             "kernel": read_trimmed("/proc/sys/kernel/osrelease"),
             "hostname": read_trimmed("/proc/sys/kernel/hostname"),
             "agent_version": env!("CARGO_PKG_VERSION"),
+            "agent_rss_bytes": rss_bytes(),
             "milestones": milestones,
             "data_disk": self.data_disk(),
             "podman_ready": podman.is_up().await,
