@@ -496,7 +496,7 @@ fn vsock_echo_handshake_port_map_and_guest_connect() {
     }
 
     // One stream of a size this machine's emulated guest moves in seconds.
-    let stream_len = 512 * 1024;
+    let stream_len = 1024 * 1024;
     let data = random_bytes(stream_len);
     let t0 = Instant::now();
     let back = echo_roundtrip(vsock_connect(&uds, 1234), &data);
