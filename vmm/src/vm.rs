@@ -234,10 +234,18 @@ impl Vm {
         crate::kvm::create_irqchip(&vm_fd)?;
         stage("kvm_vm");
 
-        let (pit, built) = std::thread::scope(|s| {
-            // The PIT (a kernel thread) is created while the image loads.
-            let pit = s.spawn(|| crate::kvm::setup_pit_and_pic(&vm_fd));
-            let built = (|| -> Result<_> {
+        let built = std::thread::scope(|s| {
+            // The PIT (a kernel thread) is created, and the supported CPUID
+            // fetched, while the image loads.
+            let helper = s.spawn(|| -> Result<_> {
+                crate::kvm::setup_pit_and_pic(&vm_fd)?;
+                kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|source| Error::Kvm {
+                        what: "KVM_GET_SUPPORTED_CPUID",
+                        source,
+                    })
+            });
+            (|| -> Result<_> {
                 // Guest image.
                 let loaded =
                     kernel::load_kernel(&mem, mem_size, &mut kernel_file).map_err(|source| {
@@ -310,12 +318,9 @@ impl Vm {
                 stage("devices");
 
                 // vCPUs.
-                let supported =
-                    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                        .map_err(|source| Error::Kvm {
-                            what: "KVM_GET_SUPPORTED_CPUID",
-                            source,
-                        })?;
+                let supported = helper
+                    .join()
+                    .map_err(|_| Error::Device("KVM setup thread panicked".into()))??;
                 let mut vcpu_fds = Vec::with_capacity(config.vcpus);
                 for i in 0..config.vcpus {
                     vcpu_fds.push(vcpu::create_vcpu(
@@ -336,10 +341,8 @@ impl Vm {
                     serial,
                     vcpu_fds,
                 ))
-            })();
-            (pit.join(), built)
+            })()
         });
-        pit.map_err(|_| Error::Device("PIT setup thread panicked".into()))??;
         let (shared, mut event_manager, devices, input_ready, serial, vcpu_fds) = built?;
 
         // Console input and the event loop.
