@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages that guest-image/build.sh, its tests
+# (tests/guest_image*.rs) and guest-image/measure.py need. Idempotent.
+set -euo pipefail
+PKGS=(
+  mmdebstrap debian-archive-keyring apt dpkg   # build: resolve, download, install bookworm debs
+  cpio gzip tar coreutils findutils mount      # build: archive, trim, chroot mounts
+  qemu-system-x86                              # tests: -M microvm -accel tcg boots
+  e2fsprogs fdisk util-linux                   # tests: mkfs.ext4, sfdisk, blkid, unshare
+  zstd lz4 python3                             # measure.py unpack comparison
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "guest-image: installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
