@@ -115,6 +115,12 @@ impl Muxer {
         }
         let epoll = Epoll::new()?;
         let timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        // Re-arming clears a pending expiry, so a reported timer event may
+        // have nothing to read by the time it is handled: never block on it.
+        // SAFETY: fcntl on a timerfd we own.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
         let mut m = Muxer {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
