@@ -1,6 +1,7 @@
 //! The console: the serial device's output sink, stdin as its input when
 //! stdin is a terminal (raw mode, restored by [`TerminalGuard`]), and the
-//! event-loop subscriber that feeds input with flow control.
+//! event-loop subscribers that feed input with flow control and flush
+//! buffered output.
 
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use b2p_devices::legacy::{ConsoleOutput, SerialDevice};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::Console;
 use crate::error::{Error, Result};
@@ -166,5 +168,42 @@ impl MutEventSubscriber for ConsoleInput {
         if !self.flush_pending() {
             self.watch_stdin(ops, false);
         }
+    }
+}
+
+/// Writes the serial device's buffered output when its flush timer fires.
+pub struct ConsoleFlusher {
+    serial: Arc<Mutex<SerialDevice>>,
+    timer: TimerFd,
+}
+
+impl ConsoleFlusher {
+    /// Put `serial` in buffered mode and return the subscriber that flushes it.
+    pub fn new(serial: Arc<Mutex<SerialDevice>>) -> Result<Self> {
+        let timer = serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush_timer()
+            .map_err(|source| Error::Io {
+                what: "console flush timer",
+                source,
+            })?;
+        Ok(ConsoleFlusher { serial, timer })
+    }
+}
+
+impl MutEventSubscriber for ConsoleFlusher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            log::warn!("console flush timer: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush_output();
     }
 }

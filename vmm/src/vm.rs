@@ -19,7 +19,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use std::os::unix::thread::JoinHandleExt;
 
 use crate::config::{Console, VmConfig};
-use crate::console::{self, ConsoleInput, TerminalGuard};
+use crate::console::{self, ConsoleFlusher, ConsoleInput, TerminalGuard};
 use crate::devices::DeviceManager;
 use crate::error::{Error, Result};
 use crate::event_loop::{self, EventLoop, Subscriber};
@@ -312,6 +312,11 @@ impl Vm {
                     events,
                     config.boot_timer.then_some(start_ns),
                 )?;
+                if config.console != Console::None {
+                    let flusher: Subscriber =
+                        Arc::new(Mutex::new(ConsoleFlusher::new(serial.clone())?));
+                    event_manager_add(&mut event_manager, flusher);
+                }
                 virtio::add_devices(&config, &vm_fd, &mem, &mut event_manager, &mut devices)?;
                 b2p_boot::acpi::write_tables(&mem, config.vcpus, &devices.virtio_slots)?;
 

@@ -1,13 +1,22 @@
 //! COM1: a 16550A UART (vm-superio's 8250 model) whose output goes to stdout,
 //! a file or nowhere, whose input is fed by the VMM's console, and whose
 //! interrupt is an eventfd (the VMM registers it as an irqfd on GSI 4).
+//!
+//! Output is written through at every byte unless the VMM asks for a flush
+//! timer ([`SerialDevice::flush_timer`]): then it is buffered and written
+//! at each newline, every 4 KiB, and [`FLUSH_DELAY`] after the first
+//! unwritten byte (so prompts without a newline still show up), which turns
+//! one write(2) per byte of a Linux boot log into one per line.
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::time::Duration;
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::BusDevice;
 
@@ -31,6 +40,70 @@ impl ConsoleOutput {
             ConsoleOutput::Sink => Box::new(std::io::sink()),
             ConsoleOutput::Writer(w) => w,
         }
+    }
+}
+
+/// How long buffered output may wait for a newline.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
+/// Buffered output is written once it reaches this size.
+const FLUSH_SIZE: usize = 4096;
+
+/// The serial device's output: write-through, or buffered with a flush timer.
+pub struct ConsoleWriter {
+    out: Box<dyn Write + Send>,
+    buf: Vec<u8>,
+    timer: Option<TimerFd>,
+    armed: bool,
+}
+
+impl ConsoleWriter {
+    fn new(out: Box<dyn Write + Send>) -> Self {
+        ConsoleWriter {
+            out,
+            buf: Vec::new(),
+            timer: None,
+            armed: false,
+        }
+    }
+
+    /// Write what is buffered. A failing sink loses the bytes (the guest
+    /// must never stall on its console).
+    fn flush_now(&mut self) {
+        if !self.buf.is_empty() {
+            let _ = self.out.write_all(&self.buf);
+            let _ = self.out.flush();
+            self.buf.clear();
+        }
+    }
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        match self.timer.as_mut() {
+            None => self.flush_now(),
+            Some(_) if data.contains(&b'\n') || self.buf.len() >= FLUSH_SIZE => self.flush_now(),
+            Some(timer) => {
+                if !self.armed && timer.reset(FLUSH_DELAY, None).is_ok() {
+                    self.armed = true;
+                }
+                if !self.armed {
+                    self.flush_now();
+                }
+            }
+        }
+        Ok(data.len())
+    }
+
+    /// vm-superio flushes after every byte: buffering happens above.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ConsoleWriter {
+    fn drop(&mut self) {
+        self.flush_now();
     }
 }
 
@@ -60,7 +133,7 @@ impl SerialEvents for InputEvents {
 
 /// The COM1 device.
 pub struct SerialDevice {
-    serial: Serial<IrqTrigger, InputEvents, Box<dyn Write + Send>>,
+    serial: Serial<IrqTrigger, InputEvents, ConsoleWriter>,
 }
 
 impl SerialDevice {
@@ -71,9 +144,31 @@ impl SerialDevice {
             serial: Serial::with_events(
                 IrqTrigger(irq),
                 InputEvents(input_ready),
-                output.into_writer(),
+                ConsoleWriter::new(output.into_writer()),
             ),
         }
+    }
+
+    /// Switch output to buffered mode. Returns the timer to watch: when it
+    /// is readable, read it and call [`SerialDevice::flush_output`].
+    pub fn flush_timer(&mut self) -> std::io::Result<TimerFd> {
+        let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        // SAFETY: dup returns a new descriptor we own (checked below).
+        let dup = unsafe { libc::dup(timer.as_raw_fd()) };
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a fresh, owned timerfd descriptor.
+        let watcher = unsafe { TimerFd::from_raw_fd(dup) };
+        self.serial.writer_mut().timer = Some(timer);
+        Ok(watcher)
+    }
+
+    /// Write buffered output now (the flush timer fired).
+    pub fn flush_output(&mut self) {
+        let w = self.serial.writer_mut();
+        w.armed = false;
+        w.flush_now();
     }
 
     /// Free room in the receive FIFO.
@@ -160,6 +255,25 @@ mod tests {
         let mut wide = [0xffu8; 4];
         dev.read(0, &mut wide);
         assert_eq!(wide, [0; 4]);
+    }
+
+    #[test]
+    fn buffered_output_flushes_on_newline_timer_and_drop() {
+        let out = Shared::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, ConsoleOutput::Writer(Box::new(out.clone())), None);
+        let mut timer = dev.flush_timer().unwrap();
+        for b in b"log line\nlogin: " {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"log line\n");
+        // The prompt shows up once the timer fires.
+        assert_eq!(timer.wait().unwrap(), 1);
+        dev.flush_output();
+        assert_eq!(&*out.0.lock().unwrap(), b"log line\nlogin: ");
+        dev.write(0, b"x");
+        drop(dev);
+        assert_eq!(&*out.0.lock().unwrap(), b"log line\nlogin: x");
     }
 
     #[test]
