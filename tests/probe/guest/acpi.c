@@ -140,6 +140,14 @@ static void check_dsdt(void)
 	const u8 *aml = (const u8 *)acpi.dsdt + 36, *end = (const u8 *)acpi.dsdt + len;
 	int com1 = 0, virtio = 0;
 	acpi.s5_typ = -1;
+	for (const u8 *p = aml; p + 12 <= end; p++) {
+		/* Memory32Fixed: no _CRS may claim the boot-timer page (DESIGN §3). */
+		if (p[0] == 0x86 && p[1] == 0x09 && p[2] == 0x00) {
+			u64 base = rd32(p + 4), len = rd32(p + 8);
+			if (base <= 0xc0000000UL && 0xc0000000UL < base + len)
+				fail("a DSDT _CRS claims the boot-timer page (0x%lx+0x%lx)", base, len);
+		}
+	}
 	for (const u8 *p = aml; p + 8 <= end; p++) {
 		if (!memcmp(p, "PNP0501", 7) || (p[0] == 0x0c && p + 5 <= end && rd32(p + 1) == 0x0105d041))
 			com1++;

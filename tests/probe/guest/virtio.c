@@ -144,6 +144,11 @@ void virtio_discover(void)
 		}
 		if (vdev_count >= VDEV_MAX)
 			break;
+		if (e820_is_ram(base, size) || base < 0xc0000000UL || base + size > 0x100000000UL)
+			fail("virtio-mmio window 0x%lx+0x%x is not in the MMIO hole", base, size);
+		for (int k = 0; k < vdev_count; k++)
+			if (vdevs[k].gsi == gsi || (vdevs[k].base < base + size && base < vdevs[k].base + vdevs[k].size))
+				fail("virtio-mmio 0x%lx (gsi %u) collides with 0x%lx (gsi %u)", base, gsi, vdevs[k].base, vdevs[k].gsi);
 		struct vdev *d = &vdevs[vdev_count];
 		memset(d, 0, sizeof(*d));
 		d->base = base;
