@@ -236,6 +236,12 @@ pub fn vcpu_cpuid(supported: &CpuId, index: usize, count: usize) -> Result<CpuId
                     }
                 }
             }
+            0x8000_001e if is_amd => {
+                // Extended APIC id; compute-unit (core) id, one thread per core; node 0.
+                e.eax = apic_id;
+                e.ebx = apic_id & 0xff;
+                e.ecx = 0;
+            }
             0x8000_0008 if is_amd => {
                 // ECX[7:0]: number of cores - 1; [15:12]: APIC id size.
                 e.ecx = (e.ecx & !0xf0ff) | (count32 - 1) | (core_bits << 12);
@@ -308,6 +314,34 @@ mod tests {
         assert_eq!(leaf(&c, 4, 0).eax >> 26, 3);
         assert_eq!((leaf(&c, 4, 3).eax >> 14) & 0xfff, 3);
         assert_eq!((leaf(&c, 4, 0).eax >> 14) & 0xfff, 0);
+    }
+
+    #[test]
+    fn amd_extended_topology() {
+        let v = vec![
+            kvm_cpuid_entry2 {
+                function: 0,
+                ebx: u32::from_le_bytes(*b"Auth"),
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0008,
+                ecx: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_001e,
+                eax: 0,
+                ebx: 0x100,
+                ..Default::default()
+            },
+        ];
+        let c = vcpu_cpuid(&CpuId::from_entries(&v).unwrap(), 2, 4).unwrap();
+        let e = leaf(&c, 0x8000_001e, 0);
+        assert_eq!((e.eax, e.ebx, e.ecx), (2, 2, 0));
+        let e = leaf(&c, 0x8000_0008, 0);
+        assert_eq!(e.ecx & 0xff, 3);
+        assert_eq!((e.ecx >> 12) & 0xf, 2);
     }
 
     #[test]
