@@ -24,11 +24,12 @@
 //! ```
 //!
 //! Modules: [`config`] (what to build), `kvm` (VM, memory, irqchip),
-//! `vcpu` (vCPU state and run loop), `devices` (buses, allocators, wiring),
+//! `builder` (the build steps), `vcpu` (vCPU state and run loop), `devices` (buses, allocators, wiring),
 //! `virtio` (device construction), `event_loop`, `console`, `vm`
 //! (orchestration and lifecycle), [`cli`] (argument parsers shared with the
 //! manager).
 
+mod builder;
 pub mod cli;
 pub mod config;
 mod console;

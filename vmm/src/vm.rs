@@ -3,28 +3,24 @@
 //! event loop; [`Vm::wait`] returns how the guest ended; [`Vm::stop`] and
 //! [`StopHandle`] end it from outside.
 
-use std::fs::File;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use b2p_boot::bootparams::{self, Initrd};
-use b2p_boot::kernel::{self, EntryPoint};
-use b2p_boot::layout::ram_regions;
-use b2p_boot::paging::{self, CpuMode};
 use b2p_devices::legacy::boot_timer::monotonic_ns;
-use b2p_devices::legacy::{EventSink, LegacyEvent};
+use b2p_devices::legacy::{ConsoleOutput, EventSink, LegacyEvent};
+use event_manager::SubscriberOps;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use std::os::unix::thread::JoinHandleExt;
 
-use crate::config::{Console, VmConfig};
-use crate::console::{self, ConsoleFlusher, ConsoleInput, TerminalGuard};
-use crate::devices::DeviceManager;
+use crate::builder::{self, Devices, HostInputs, StageClock};
+use crate::config::VmConfig;
+use crate::console::{ConsoleInput, TerminalGuard};
 use crate::error::{Error, Result};
-use crate::event_loop::{self, EventLoop, Subscriber};
+use crate::event_loop::{EventLoop, Subscriber};
 use crate::vcpu::{self, Vcpu};
-use crate::{virtio, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
 
 /// How the guest ended (all of these make `b2p-vmm` exit 0).
 #[derive(Debug)]
@@ -173,70 +169,28 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 impl Vm {
     /// Validate `config`, build the VM and start its vCPUs.
     pub fn start(config: VmConfig) -> Result<Vm> {
-        let start_ns = config.start_ns.unwrap_or_else(monotonic_ns);
+        let clock = StageClock {
+            start_ns: config.start_ns.unwrap_or_else(monotonic_ns),
+            enabled: config.timings,
+        };
         config.validate()?;
-        let mem_size = config.memory_bytes();
-        let cmdline = config.effective_cmdline();
-        let stage = |name: &str| {
-            if config.timings {
-                let us = monotonic_ns().saturating_sub(start_ns) / 1000;
-                eprintln!("b2p-vmm: timing {name}_us={us}");
-            }
-        };
-        stage("vm_start");
+        clock.stage("vm_start");
+        let mut inputs = HostInputs::open(&config)?;
+        let (kvm, vm_fd, mem) = builder::create_vm(&config)?;
+        clock.stage("kvm_vm");
 
-        // Host files first: a bad path should fail before KVM is touched.
-        let mut kernel_file = File::open(&config.kernel).map_err(|source| Error::KernelOpen {
-            path: config.kernel.clone(),
-            source,
-        })?;
-        kernel::detect_format(&mut kernel_file).map_err(|source| Error::Kernel {
-            path: config.kernel.clone(),
-            source,
-        })?;
-        let initrd_file = match &config.initrd {
-            None => None,
-            Some(path) => {
-                let open_err = |source| Error::InitrdOpen {
-                    path: path.clone(),
-                    source,
-                };
-                let f = File::open(path).map_err(open_err)?;
-                let size = f.metadata().map_err(open_err)?.len();
-                if size > mem_size {
-                    return Err(Error::InitrdLargerThanMemory {
-                        path: path.clone(),
-                        size,
-                        memory_mib: config.memory_mib,
-                    });
-                }
-                Some((path.clone(), f, size))
-            }
-        };
-        let output = console::open_output(&config.console)?;
-
-        // KVM: memory before the irqchip (DESIGN §3).
-        let (kvm, vm_fd) = crate::kvm::create_vm()?;
-        let max_vcpus = kvm.get_max_vcpus();
-        if config.vcpus > max_vcpus {
-            return Err(Error::TooManyVcpus {
-                vcpus: config.vcpus,
-                max: max_vcpus,
-            });
-        }
-        let mem = GuestMemoryMmap::from_ranges(&ram_regions(mem_size)).map_err(|source| {
-            Error::Memory {
-                mib: config.memory_mib,
-                source,
-            }
-        })?;
-        crate::kvm::register_memory(&vm_fd, &mem)?;
-        crate::kvm::create_irqchip(&vm_fd)?;
-        stage("kvm_vm");
-
-        let built = std::thread::scope(|s| {
-            // The PIT (a kernel thread) is created, and the supported CPUID
-            // fetched, while the image loads.
+        let shared = Arc::new(Shared::new(clock.start_ns, config.timings));
+        let sink = shared.clone();
+        let events: EventSink = Arc::new(move |e| match e {
+            LegacyEvent::PowerOff => sink.finish(Ok(VmExit::PowerOff)),
+            LegacyEvent::Reset => sink.finish(Ok(VmExit::Reset)),
+            LegacyEvent::BootComplete { since_start_us } => sink.note_boot_complete(since_start_us),
+        });
+        let output = std::mem::replace(&mut inputs.output, ConsoleOutput::Sink);
+        let (devices, vcpu_fds) = std::thread::scope(|s| -> Result<_> {
+            // The PIT (its kernel thread can take milliseconds to start on a
+            // busy host) is created, and the supported CPUID fetched, while
+            // the image loads.
             let helper = s.spawn(|| -> Result<_> {
                 crate::kvm::setup_pit_and_pic(&vm_fd)?;
                 kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -245,137 +199,58 @@ impl Vm {
                         source,
                     })
             });
-            (|| -> Result<_> {
-                // Guest image.
-                let loaded =
-                    kernel::load_kernel(&mem, mem_size, &mut kernel_file).map_err(|source| {
-                        Error::Kernel {
-                            path: config.kernel.clone(),
-                            source,
-                        }
-                    })?;
-                let initrd = match initrd_file {
-                    None => None,
-                    Some((path, mut f, size)) => {
-                        let addr = kernel::load_initrd(&mem, mem_size, &loaded, &mut f, size)
-                            .map_err(|source| Error::Initrd { path, source })?;
-                        Some(Initrd { addr, size })
-                    }
-                };
-                bootparams::write_cmdline(&mem, &loaded, &cmdline)?;
-                match loaded.entry {
-                    EntryPoint::Linux64(_) => {
-                        bootparams::write_zero_page(
-                            &mem,
-                            &loaded,
-                            mem_size,
-                            cmdline.len(),
-                            initrd,
-                        )?;
-                        paging::write_page_tables(&mem)?;
-                        paging::write_gdt(&mem, CpuMode::Long)?;
-                    }
-                    EntryPoint::Pvh(_) => {
-                        bootparams::write_pvh_start_info(&mem, mem_size, initrd)?;
-                        paging::write_gdt(&mem, CpuMode::Protected32)?;
-                    }
-                }
+            let entry = builder::load_guest_image(&config, &mem, &mut inputs)?;
+            clock.stage("guest_image");
+            let devices =
+                builder::create_devices(&config, &vm_fd, &mem, output, events, clock.start_ns)?;
+            clock.stage("devices");
+            let supported = helper
+                .join()
+                .map_err(|_| Error::Device("KVM setup thread panicked".into()))??;
+            let vcpu_fds = builder::create_vcpus(&vm_fd, &supported, config.vcpus, entry)?;
+            clock.stage("vcpus");
+            Ok((devices, vcpu_fds))
+        })?;
+        Self::launch(config, clock, vm_fd, mem, shared, devices, vcpu_fds)
+    }
 
-                stage("guest_image");
-
-                // Devices.
-                let shared = Arc::new(Shared::new(start_ns, config.timings));
-                let sink_shared = shared.clone();
-                let events: EventSink = Arc::new(move |e| match e {
-                    LegacyEvent::PowerOff => sink_shared.finish(Ok(VmExit::PowerOff)),
-                    LegacyEvent::Reset => sink_shared.finish(Ok(VmExit::Reset)),
-                    LegacyEvent::BootComplete { since_start_us } => {
-                        sink_shared.note_boot_complete(since_start_us)
-                    }
-                });
-                let mut event_manager = event_loop::new_manager()?;
-                let mut devices = DeviceManager::new()?;
-                let interactive = config.console == Console::Stdio && console::stdin_is_tty();
-                let input_ready = if interactive {
-                    Some(EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?)
-                } else {
-                    None
-                };
-                let serial = devices.add_legacy(
-                    &vm_fd,
-                    output,
-                    input_ready
-                        .as_ref()
-                        .map(|e| e.try_clone())
-                        .transpose()
-                        .map_err(io("eventfd"))?,
-                    events,
-                    config.boot_timer.then_some(start_ns),
-                )?;
-                if config.console != Console::None {
-                    let flusher: Subscriber =
-                        Arc::new(Mutex::new(ConsoleFlusher::new(serial.clone())?));
-                    event_manager_add(&mut event_manager, flusher);
-                }
-                virtio::add_devices(&config, &vm_fd, &mem, &mut event_manager, &mut devices)?;
-                b2p_boot::acpi::write_tables(&mem, config.vcpus, &devices.virtio_slots)?;
-
-                stage("devices");
-
-                // vCPUs.
-                let supported = helper
-                    .join()
-                    .map_err(|_| Error::Device("KVM setup thread panicked".into()))??;
-                let mut vcpu_fds = Vec::with_capacity(config.vcpus);
-                for i in 0..config.vcpus {
-                    vcpu_fds.push(vcpu::create_vcpu(
-                        &vm_fd,
-                        &supported,
-                        i,
-                        config.vcpus,
-                        loaded.entry,
-                    )?);
-                }
-                vcpu::install_kick_handler()?;
-                stage("vcpus");
-                Ok((
-                    shared,
-                    event_manager,
-                    devices,
-                    input_ready,
-                    serial,
-                    vcpu_fds,
-                ))
-            })()
-        });
-        let (shared, mut event_manager, devices, input_ready, serial, vcpu_fds) = built?;
-
-        // Console input and the event loop.
+    /// Start the console input, the event loop and the vCPU threads.
+    fn launch(
+        config: VmConfig,
+        clock: StageClock,
+        vm_fd: kvm_ioctls::VmFd,
+        mem: GuestMemoryMmap,
+        shared: Arc<Shared>,
+        devices: Devices,
+        vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    ) -> Result<Vm> {
+        let Devices {
+            manager,
+            mut event_manager,
+            serial,
+            input_ready,
+        } = devices;
         let terminal = match input_ready {
             Some(ready) => {
                 let guard = TerminalGuard::raw(libc::STDIN_FILENO)?;
                 let input: Subscriber = Arc::new(Mutex::new(ConsoleInput::new(serial, ready)));
-                event_manager_add(&mut event_manager, input);
+                event_manager.add_subscriber(input);
                 Some(guard)
             }
             None => None,
         };
         let event_loop = EventLoop::start(event_manager)?;
-
-        let pio = Arc::new(devices.pio);
-        let mmio = Arc::new(devices.mmio);
-        let vm_fd = Arc::new(vm_fd);
+        let pio = Arc::new(manager.pio);
+        let mmio = Arc::new(manager.mmio);
         let mut vm = Vm {
             shared: shared.clone(),
             vcpu_threads: Vec::with_capacity(config.vcpus),
             event_loop: Some(event_loop),
             terminal,
-            _vm_fd: vm_fd,
+            _vm_fd: Arc::new(vm_fd),
             _mem: mem.clone(),
         };
-        if config.timings {
-            eprintln!("b2p-vmm: timing vm_ready_us={}", shared.since_start_us());
-        }
+        clock.stage("vm_ready");
         for (index, fd) in vcpu_fds.into_iter().enumerate() {
             let v = Vcpu {
                 index,
@@ -476,10 +351,3 @@ impl Drop for Vm {
         }
     }
 }
-
-fn event_manager_add(m: &mut event_loop::Manager, s: Subscriber) {
-    use event_manager::SubscriberOps;
-    m.add_subscriber(s);
-}
-
-use vmm_sys_util::eventfd::EventFd;

@@ -1,0 +1,224 @@
+//! The steps of building a VM, in the order [`crate::Vm::start`] runs them:
+//! open the host inputs (fail before touching KVM), create the VM and its
+//! memory, load the guest image, create the devices, create the vCPUs.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use b2p_boot::bootparams::{self, Initrd};
+use b2p_boot::kernel::{self, EntryPoint};
+use b2p_boot::layout::ram_regions;
+use b2p_boot::paging::{self, CpuMode};
+use b2p_devices::legacy::{ConsoleOutput, EventSink, SerialDevice};
+use event_manager::SubscriberOps;
+use kvm_bindings::CpuId;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{Console, VmConfig};
+use crate::console::{self, ConsoleFlusher};
+use crate::devices::DeviceManager;
+use crate::error::{Error, Result};
+use crate::event_loop::{self, Manager, Subscriber};
+use crate::{vcpu, virtio, GuestMemoryMmap};
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// Prints `b2p-vmm: timing NAME_us=N` lines when timings are on.
+pub struct StageClock {
+    pub start_ns: u64,
+    pub enabled: bool,
+}
+
+impl StageClock {
+    pub fn since_start_us(&self) -> u64 {
+        crate::monotonic_ns().saturating_sub(self.start_ns) / 1000
+    }
+
+    pub fn stage(&self, name: &str) {
+        if self.enabled {
+            eprintln!("b2p-vmm: timing {name}_us={}", self.since_start_us());
+        }
+    }
+}
+
+/// Host files the VM needs, opened and checked up front.
+pub struct HostInputs {
+    kernel: File,
+    initrd: Option<(PathBuf, File, u64)>,
+    pub output: ConsoleOutput,
+}
+
+impl HostInputs {
+    pub fn open(config: &VmConfig) -> Result<Self> {
+        let mut kernel = File::open(&config.kernel).map_err(|source| Error::KernelOpen {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        kernel::detect_format(&mut kernel).map_err(|source| Error::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        let initrd = match &config.initrd {
+            None => None,
+            Some(path) => {
+                let open_err = |source| Error::InitrdOpen {
+                    path: path.clone(),
+                    source,
+                };
+                let f = File::open(path).map_err(open_err)?;
+                let size = f.metadata().map_err(open_err)?.len();
+                if size > config.memory_bytes() {
+                    return Err(Error::InitrdLargerThanMemory {
+                        path: path.clone(),
+                        size,
+                        memory_mib: config.memory_mib,
+                    });
+                }
+                Some((path.clone(), f, size))
+            }
+        };
+        let output = console::open_output(&config.console)?;
+        Ok(HostInputs {
+            kernel,
+            initrd,
+            output,
+        })
+    }
+}
+
+/// `/dev/kvm`, a VM with its guest memory registered (before the irqchip:
+/// DESIGN §3) and the in-kernel irqchip.
+pub fn create_vm(config: &VmConfig) -> Result<(Kvm, VmFd, GuestMemoryMmap)> {
+    let (kvm, vm_fd) = crate::kvm::create_vm()?;
+    let max = kvm.get_max_vcpus();
+    if config.vcpus > max {
+        return Err(Error::TooManyVcpus {
+            vcpus: config.vcpus,
+            max,
+        });
+    }
+    let mem =
+        GuestMemoryMmap::from_ranges(&ram_regions(config.memory_bytes())).map_err(|source| {
+            Error::Memory {
+                mib: config.memory_mib,
+                source,
+            }
+        })?;
+    crate::kvm::register_memory(&vm_fd, &mem)?;
+    crate::kvm::create_irqchip(&vm_fd)?;
+    Ok((kvm, vm_fd, mem))
+}
+
+/// Load kernel and initrd and write the command line, the zero page (or
+/// PVH start info), page tables and GDT. Returns the entry point.
+pub fn load_guest_image(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    inputs: &mut HostInputs,
+) -> Result<EntryPoint> {
+    let mem_size = config.memory_bytes();
+    let cmdline = config.effective_cmdline();
+    let loaded =
+        kernel::load_kernel(mem, mem_size, &mut inputs.kernel).map_err(|source| Error::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+    let initrd = match inputs.initrd.as_mut() {
+        None => None,
+        Some((path, f, size)) => {
+            let addr = kernel::load_initrd(mem, mem_size, &loaded, f, *size).map_err(|source| {
+                Error::Initrd {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            Some(Initrd { addr, size: *size })
+        }
+    };
+    bootparams::write_cmdline(mem, &loaded, &cmdline)?;
+    match loaded.entry {
+        EntryPoint::Linux64(_) => {
+            bootparams::write_zero_page(mem, &loaded, mem_size, cmdline.len(), initrd)?;
+            paging::write_page_tables(mem)?;
+            paging::write_gdt(mem, CpuMode::Long)?;
+        }
+        EntryPoint::Pvh(_) => {
+            bootparams::write_pvh_start_info(mem, mem_size, initrd)?;
+            paging::write_gdt(mem, CpuMode::Protected32)?;
+        }
+    }
+    Ok(loaded.entry)
+}
+
+/// The devices of a VM and the event manager their backends live on.
+pub struct Devices {
+    pub manager: DeviceManager,
+    pub event_manager: Manager,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Set when stdin is a terminal the console reads (fires when the
+    /// serial FIFO drains).
+    pub input_ready: Option<EventFd>,
+}
+
+/// Legacy devices, virtio devices, the console's output flusher, and the
+/// ACPI tables that announce them.
+pub fn create_devices(
+    config: &VmConfig,
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    output: ConsoleOutput,
+    events: EventSink,
+    start_ns: u64,
+) -> Result<Devices> {
+    let mut event_manager = event_loop::new_manager()?;
+    let mut manager = DeviceManager::new()?;
+    let interactive = config.console == Console::Stdio && console::stdin_is_tty();
+    let input_ready = if interactive {
+        Some(EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?)
+    } else {
+        None
+    };
+    let ready_clone = input_ready
+        .as_ref()
+        .map(|e| e.try_clone())
+        .transpose()
+        .map_err(io("eventfd"))?;
+    let serial = manager.add_legacy(
+        vm_fd,
+        output,
+        ready_clone,
+        events,
+        config.boot_timer.then_some(start_ns),
+    )?;
+    if config.console != Console::None {
+        let flusher: Subscriber = Arc::new(Mutex::new(ConsoleFlusher::new(serial.clone())?));
+        event_manager.add_subscriber(flusher);
+    }
+    virtio::add_devices(config, vm_fd, mem, &mut event_manager, &mut manager)?;
+    b2p_boot::acpi::write_tables(mem, config.vcpus, &manager.virtio_slots)?;
+    Ok(Devices {
+        manager,
+        event_manager,
+        serial,
+        input_ready,
+    })
+}
+
+/// Create and configure every vCPU (registers on the boot vCPU only).
+pub fn create_vcpus(
+    vm_fd: &VmFd,
+    supported: &CpuId,
+    count: usize,
+    entry: EntryPoint,
+) -> Result<Vec<VcpuFd>> {
+    let mut fds = Vec::with_capacity(count);
+    for i in 0..count {
+        fds.push(vcpu::create_vcpu(vm_fd, supported, i, count, entry)?);
+    }
+    vcpu::install_kick_handler()?;
+    Ok(fds)
+}
