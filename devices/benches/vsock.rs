@@ -29,7 +29,6 @@ const PORT: u32 = 1024;
 const GUEST_BUF: u32 = 1 << 20;
 const RX_SLOTS: usize = 128;
 const TX_SLOTS: usize = 128;
-const RX_BUF: u32 = 64 * 1024;
 
 type Em = EventManager<Arc<Mutex<Vsock>>>;
 
@@ -37,6 +36,7 @@ struct Guest {
     d: TestDriver,
     em: Em,
     rx_slots: Vec<(GuestAddress, GuestAddress)>,
+    rx_buf: u32,
     rx_inflight: HashMap<u32, usize>,
     tx_free: Vec<GuestAddress>,
     tx_inflight: HashMap<u32, GuestAddress>,
@@ -49,7 +49,7 @@ struct Guest {
 }
 
 impl Guest {
-    fn new(dev: Vsock) -> Guest {
+    fn new(dev: Vsock, rx_buf: u32) -> Guest {
         let mem = guest_memory(32 << 20);
         let dev = Arc::new(Mutex::new(dev));
         let t = MmioTransport::new(mem.clone(), dev.clone()).unwrap();
@@ -66,6 +66,7 @@ impl Guest {
             d,
             em,
             rx_slots: Vec::new(),
+            rx_buf,
             rx_inflight: HashMap::new(),
             tx_free: Vec::new(),
             tx_inflight: HashMap::new(),
@@ -82,7 +83,7 @@ impl Guest {
         }
         for i in 0..RX_SLOTS {
             let h = g.d.buf(HDR_SIZE);
-            let b = g.d.buf(RX_BUF as usize);
+            let b = g.d.buf(rx_buf as usize);
             g.rx_slots.push((h, b));
             g.post_rx(i);
         }
@@ -94,7 +95,7 @@ impl Guest {
         let (h, b) = self.rx_slots[i];
         let head = self.d.add_chain(
             RXQ as u16,
-            &[Seg::wo(h, HDR_SIZE as u32), Seg::wo(b, RX_BUF)],
+            &[Seg::wo(h, HDR_SIZE as u32), Seg::wo(b, self.rx_buf)],
         );
         self.rx_inflight.insert(u32::from(head), i);
     }
@@ -191,7 +192,7 @@ impl Guest {
     }
 }
 
-fn setup(dir: &std::path::Path, run: usize) -> (Guest, UnixStream) {
+fn setup(dir: &std::path::Path, run: usize, rx_buf: u32) -> (Guest, UnixStream) {
     let path = dir.join(format!("p{run}.sock"));
     let dev = Vsock::new(
         VsockConfig {
@@ -201,7 +202,7 @@ fn setup(dir: &std::path::Path, run: usize) -> (Guest, UnixStream) {
         vec![(PORT, path.clone())],
     )
     .unwrap();
-    let mut g = Guest::new(dev);
+    let mut g = Guest::new(dev, rx_buf);
     let s = UnixStream::connect(&path).unwrap();
     while g.host_port == 0 {
         g.step();
@@ -213,8 +214,8 @@ fn setup(dir: &std::path::Path, run: usize) -> (Guest, UnixStream) {
     (g, s)
 }
 
-fn host_to_guest(dir: &std::path::Path, run: usize, total: usize) -> f64 {
-    let (mut g, s) = setup(dir, run);
+fn host_to_guest(dir: &std::path::Path, run: usize, total: usize, rx_buf: u32) -> f64 {
+    let (mut g, s) = setup(dir, run, rx_buf);
     let writer = std::thread::spawn(move || {
         let mut s = s;
         let buf = vec![0xa5u8; 256 * 1024];
@@ -237,7 +238,7 @@ fn host_to_guest(dir: &std::path::Path, run: usize, total: usize) -> f64 {
 }
 
 fn guest_to_host(dir: &std::path::Path, run: usize, total: usize) -> f64 {
-    let (mut g, s) = setup(dir, run);
+    let (mut g, s) = setup(dir, run, 4096);
     // Payload bytes are written once into every TX slot.
     let pattern = vec![0x5au8; MAX_PKT_PAYLOAD as usize];
     for a in g.tx_free.clone() {
@@ -333,15 +334,21 @@ fn main() {
         .unwrap_or(if quick { 1 } else { 3 });
     let total = mib << 20;
     let dir = tempfile::tempdir().unwrap();
-    println!("vsock throughput, {mib} MiB per run, {runs} runs, 64 KiB RX buffers");
-    let h2g: Vec<f64> = (0..runs)
-        .map(|r| host_to_guest(dir.path(), r, total))
-        .collect();
-    println!("host -> guest (unix socket -> rx queue): {}", stats(h2g));
+    println!("vsock throughput, {mib} MiB per run, {runs} runs");
+    for rx_buf in [64 * 1024, 4096] {
+        let h2g: Vec<f64> = (0..runs)
+            .map(|r| host_to_guest(dir.path(), r + rx_buf as usize, total, rx_buf))
+            .collect();
+        println!(
+            "host -> guest, {:2} KiB RX buffers : {}",
+            rx_buf / 1024,
+            stats(h2g)
+        );
+    }
     let g2h: Vec<f64> = (0..runs)
         .map(|r| guest_to_host(dir.path(), 100 + r, total))
         .collect();
-    println!("guest -> host (tx queue -> unix socket): {}", stats(g2h));
+    println!("guest -> host, 64 KiB packets    : {}", stats(g2h));
     let base: Vec<f64> = (0..runs).map(|_| unix_baseline(total)).collect();
-    println!("baseline unix socket pair             : {}", stats(base));
+    println!("unix socket pair (baseline)     : {}", stats(base));
 }
