@@ -77,6 +77,27 @@ fn b2p_ok(args: &[&str]) -> serde_json::Value {
 
 struct Kill(Child);
 
+/// A scratch directory, removed when the test ends (kept with
+/// B2P_KEEP_TEST_DIR set, for a post-mortem).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("b2p-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("B2P_KEEP_TEST_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 impl Drop for Kill {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -137,9 +158,8 @@ fn agent_over_vhost_user_vsock_under_qemu_tcg() {
     if !image_has_agent(&image) {
         return skip("the guest image was built without b2p-agent");
     }
-    let dir = std::env::temp_dir().join(format!("b2p-vsock-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("vsock");
+    let dir = scratch.0.clone();
     let disk = dir.join("data.raw");
     std::fs::File::create(&disk)
         .unwrap()
@@ -355,7 +375,6 @@ fn agent_over_vhost_user_vsock_under_qemu_tcg() {
     let text = console_text();
     assert!(text.contains("shutting down"), "{text}");
     drop(vm);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Whether /dev/kvm can boot an unmodified Linux quickly (VMX/SVM, not PVM).
@@ -402,9 +421,8 @@ fn full_boot_under_b2p_vmm_answers_getversion() {
         .status()
         .unwrap();
     assert!(status.success(), "cargo build -p b2p-vmm failed");
-    let dir = std::env::temp_dir().join(format!("b2p-fullboot-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("fullboot");
+    let dir = scratch.0.clone();
     let disk = dir.join("data.raw");
     std::fs::File::create(&disk)
         .unwrap()
@@ -467,5 +485,4 @@ fn full_boot_under_b2p_vmm_answers_getversion() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
