@@ -119,7 +119,11 @@ fn boot_and_check(test: &str, cpus: u32, mem: u64) {
     if cpus > 1 {
         // Every MADT LAPIC is a vCPU that INIT-SIPI-SIPI brings to long mode.
         let aps = cpus - 1;
-        assert_line(&console, &format!("probe: smp started {aps} of {aps} APs"), &out);
+        assert_line(
+            &console,
+            &format!("probe: smp started {aps} of {aps} APs"),
+            &out,
+        );
     }
     assert_line(&console, "probe: PASS", &out);
     assert_line(&console, "probe: boot timer written", &out);
