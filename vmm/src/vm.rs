@@ -260,9 +260,19 @@ impl Vm {
                 mem: mem.clone(),
                 shared: shared.clone(),
             };
+            let on_panic = shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("b2p-vcpu{index}"))
-                .spawn(move || v.run())
+                .spawn(move || {
+                    // A bug must end the VM with an error, not leave wait() hanging.
+                    let run = std::panic::AssertUnwindSafe(|| v.run());
+                    if std::panic::catch_unwind(run).is_err() {
+                        on_panic.finish(Err(Error::Vcpu {
+                            vcpu: index,
+                            reason: "the vCPU thread panicked".into(),
+                        }));
+                    }
+                })
                 .map_err(io("spawning a vCPU thread"))?;
             vm.vcpu_threads.push(t);
         }
