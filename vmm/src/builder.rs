@@ -6,6 +6,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use b2p_boot::acpi::VirtioMmioSlot;
 use b2p_boot::bootparams::{self, Initrd};
 use b2p_boot::kernel::{self, EntryPoint};
 use b2p_boot::layout::ram_regions;
@@ -113,15 +114,35 @@ pub fn create_vm(config: &VmConfig) -> Result<(Kvm, VmFd, GuestMemoryMmap)> {
     Ok((kvm, vm_fd, mem))
 }
 
-/// Load kernel and initrd and write the command line, the zero page (or
-/// PVH start info), page tables and GDT. Returns the entry point.
+/// The guest command line: the configured one, plus `virtio_mmio.device=`
+/// hints when asked for.
+pub fn guest_cmdline(config: &VmConfig, slots: &[VirtioMmioSlot]) -> String {
+    let mut cmdline = config.effective_cmdline();
+    if config.virtio_mmio_cmdline {
+        for s in slots {
+            if !cmdline.is_empty() && !cmdline.ends_with(' ') {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                s.size >> 10,
+                s.base,
+                s.gsi
+            ));
+        }
+    }
+    cmdline
+}
+
+/// Load kernel and initrd and write `cmdline`, the zero page (or PVH start
+/// info), page tables and GDT. Returns the entry point.
 pub fn load_guest_image(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     inputs: &mut HostInputs,
+    cmdline: &str,
 ) -> Result<EntryPoint> {
     let mem_size = config.memory_bytes();
-    let cmdline = config.effective_cmdline();
     let loaded =
         kernel::load_kernel(mem, mem_size, &mut inputs.kernel).map_err(|source| Error::Kernel {
             path: config.kernel.clone(),
@@ -139,7 +160,7 @@ pub fn load_guest_image(
             Some(Initrd { addr, size: *size })
         }
     };
-    bootparams::write_cmdline(mem, &loaded, &cmdline)?;
+    bootparams::write_cmdline(mem, &loaded, cmdline)?;
     match loaded.entry {
         EntryPoint::Linux64(_) => {
             bootparams::write_zero_page(mem, &loaded, mem_size, cmdline.len(), initrd)?;
@@ -221,4 +242,33 @@ pub fn create_vcpus(
     }
     vcpu::install_kick_handler()?;
     Ok(fds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_mmio_cmdline_hints() {
+        let slots = [
+            VirtioMmioSlot {
+                base: 0xc000_1000,
+                size: 0x1000,
+                gsi: 5,
+            },
+            VirtioMmioSlot {
+                base: 0xc000_2000,
+                size: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let mut c = VmConfig::new("k");
+        c.cmdline = "console=ttyS0".into();
+        assert_eq!(guest_cmdline(&c, &slots), "console=ttyS0");
+        c.virtio_mmio_cmdline = true;
+        assert_eq!(
+            guest_cmdline(&c, &slots),
+            "console=ttyS0 virtio_mmio.device=4K@0xc0001000:5 virtio_mmio.device=4K@0xc0002000:6"
+        );
+    }
 }

@@ -75,6 +75,11 @@ pub struct VmConfig {
     pub vsock_ports: Vec<(u32, PathBuf)>,
     /// A virtio-rng device fed by the host's getrandom.
     pub virtio_rng: bool,
+    /// Also announce each virtio-mmio device on the command line
+    /// (`virtio_mmio.device=4K@0x...:GSI`), for kernels built with
+    /// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; the DSDT announces them anyway,
+    /// so a kernel with both would see every device twice.
+    pub virtio_mmio_cmdline: bool,
     /// Print `b2p-vmm: timing ...` lines to stderr.
     pub timings: bool,
     /// CLOCK_MONOTONIC ns when the process started (timings and the boot
@@ -98,6 +103,7 @@ impl VmConfig {
             vsock: None,
             vsock_ports: Vec::new(),
             virtio_rng: false,
+            virtio_mmio_cmdline: false,
             timings: false,
             start_ns: None,
         }
@@ -235,6 +241,10 @@ impl VmBuilder {
     }
     pub fn virtio_rng(mut self, on: bool) -> Self {
         self.config.virtio_rng = on;
+        self
+    }
+    pub fn virtio_mmio_cmdline(mut self, on: bool) -> Self {
+        self.config.virtio_mmio_cmdline = on;
         self
     }
     pub fn timings(mut self, on: bool) -> Self {

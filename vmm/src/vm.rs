@@ -199,11 +199,12 @@ impl Vm {
                         source,
                     })
             });
-            let entry = builder::load_guest_image(&config, &mem, &mut inputs)?;
-            clock.stage("guest_image");
             let devices =
                 builder::create_devices(&config, &vm_fd, &mem, output, events, clock.start_ns)?;
             clock.stage("devices");
+            let cmdline = builder::guest_cmdline(&config, &devices.manager.virtio_slots);
+            let entry = builder::load_guest_image(&config, &mem, &mut inputs, &cmdline)?;
+            clock.stage("guest_image");
             let supported = helper
                 .join()
                 .map_err(|_| Error::Device("KVM setup thread panicked".into()))??;

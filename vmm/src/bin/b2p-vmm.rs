@@ -3,7 +3,7 @@
 //! `b2p-vmm run --kernel K --initrd I [--cmdline S] [--memory MiB] [--cpus N]
 //! [--console stdio|file:PATH|none] [--boot-timer] [--disk PATH[,ro][,serial=S]]...
 //! [--net tap=NAME[,mac=M]]... [--vsock cid=N,uds=PATH] [--vsock-port PORT=PATH]...
-//! [--virtio-rng] [--timings]`
+//! [--virtio-rng] [--virtio-mmio-cmdline] [--timings]`
 //!
 //! Exit status 0 when the guest shuts down (power-off, reset, triple fault)
 //! or on SIGTERM/SIGINT; otherwise 1 (2 for usage errors) with exactly one
@@ -80,6 +80,10 @@ struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom
     #[arg(long)]
     virtio_rng: bool,
+    /// Also list the virtio-mmio devices on the command line (virtio_mmio.device=),
+    /// for kernels with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI
+    #[arg(long)]
+    virtio_mmio_cmdline: bool,
     /// Print `b2p-vmm: timing NAME_us=N` milestones to stderr (also B2P_TIMINGS=1)
     #[arg(long)]
     timings: bool,
@@ -149,6 +153,7 @@ fn run(args: RunArgs, start_ns: u64) -> anyhow::Result<()> {
         vsock: args.vsock,
         vsock_ports: args.vsock_port,
         virtio_rng: args.virtio_rng,
+        virtio_mmio_cmdline: args.virtio_mmio_cmdline,
         timings,
         start_ns: Some(start_ns),
     };
