@@ -362,3 +362,17 @@ impl Drop for Vm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_cross_threads() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync>() {}
+        send::<Vm>();
+        send_sync::<StopHandle>();
+        send_sync::<Error>();
+    }
+}
