@@ -197,11 +197,7 @@ pub fn tempfile_dir(prefix: &str) -> PathBuf {
     let base = std::env::var_os("TMPDIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/tmp".into());
-    let d = base.join(format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        rand_u64()
-    ));
+    let d = base.join(format!("{prefix}-{}-{}", std::process::id(), rand_u64()));
     fs::create_dir_all(&d).unwrap();
     d
 }
