@@ -36,10 +36,15 @@ pub fn open_output(console: &Console) -> Result<ConsoleOutput> {
     })
 }
 
-/// Whether stdin is a terminal we should read from.
+/// Whether stdin is a terminal we should read from: a tty whose foreground
+/// process group is ours (a background `b2p-vmm ... &` must neither stop on
+/// SIGTTOU when setting raw mode nor steal the shell's input).
 pub fn stdin_is_tty() -> bool {
-    // SAFETY: isatty only inspects the descriptor.
-    unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
+    // SAFETY: isatty, tcgetpgrp and getpgrp only inspect the descriptor/process.
+    unsafe {
+        libc::isatty(libc::STDIN_FILENO) == 1
+            && libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp()
+    }
 }
 
 /// Puts a terminal in raw mode (no echo, no line editing, no signals from
