@@ -4,10 +4,10 @@
 set -euo pipefail
 PKGS=(
   mmdebstrap debian-archive-keyring apt dpkg   # build: resolve, download, install bookworm debs
-  cpio gzip tar coreutils findutils mount      # build: archive, trim, chroot mounts
+  cpio gzip lz4 tar coreutils findutils mount  # build: archive (gzip + legacy lz4), trim
   qemu-system-x86                              # tests: -M microvm -accel tcg boots
   e2fsprogs fdisk util-linux                   # tests: mkfs.ext4, sfdisk, blkid, unshare
-  zstd lz4 python3                             # measure.py unpack comparison
+  zstd python3                                 # measure.py unpack comparison
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -135,7 +135,8 @@ fn format_me_disk_then_second_boot_keeps_data() {
 }
 
 /// A disk already labelled boot2podman-data (made on the host, with a file
-/// in it) is mounted and never reformatted.
+/// in it) is mounted and never reformatted. Boots the lz4 initramfs when the
+/// build made one, so both compressions are covered.
 #[test]
 fn labelled_disk_is_mounted_not_reformatted() {
     let Some((kernel, initrd)) = prerequisites() else {
@@ -159,6 +160,7 @@ fn labelled_disk_is_mounted_not_reformatted() {
     ));
     let uuid = sh(&format!("blkid -o value -s UUID '{}'", disk.display()));
 
+    let initrd = lz4_initrd().unwrap_or(initrd);
     let b = boot_qemu(
         &kernel,
         &initrd,

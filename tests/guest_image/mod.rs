@@ -33,6 +33,12 @@ pub fn image_dir() -> PathBuf {
     cache.join("image")
 }
 
+/// The same initramfs compressed as legacy lz4, when the build made it.
+pub fn lz4_initrd() -> Option<PathBuf> {
+    let p = image_dir().join("boot2podman.lz4");
+    p.is_file().then_some(p)
+}
+
 /// The built kernel and initrd, or `None` after printing why.
 pub fn image() -> Option<(PathBuf, PathBuf)> {
     let d = image_dir();
