@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Installs the Debian and Python packages b2p's build and tests need.
+# Installs what b2p's build and `cargo test --workspace` need on a fresh
+# Debian 12 machine: the guest image's build deps (guest-image/install-deps.sh),
+# the peers the tests drive (QEMU, Podman, socat, iproute2), the Python varlink
+# client and vhost-device-vsock (the vsock peer of tests/agent_vsock.rs).
+# Idempotent: a machine that has everything installs nothing.
 set -euo pipefail
-APT_PKGS=(qemu-system-x86 qemu-utils mmdebstrap podman crun conmon busybox-static
-          cpio zstd lz4 fdisk e2fsprogs iproute2 socat util-linux)
+cd "$(dirname "$0")/.."
+bash guest-image/install-deps.sh
+
+APT_PKGS=(qemu-system-x86 qemu-utils podman crun conmon busybox-static
+          iproute2 socat util-linux strace gcc binutils python3)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -12,4 +19,15 @@ if ((${#missing[@]})); then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
-python3 -c 'import varlink' 2>/dev/null || python3 -m pip install -q varlink
+
+if ! python3 -c 'import varlink' 2>/dev/null; then
+  echo "installing: python varlink"
+  python3 -m pip install -q varlink 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages varlink \
+    || { apt-get install -y -q python3-pip && python3 -m pip install -q --break-system-packages varlink; }
+fi
+
+if ! command -v vhost-device-vsock >/dev/null && [ ! -x "$HOME/.cargo/bin/vhost-device-vsock" ]; then
+  echo "installing: vhost-device-vsock (cargo install, a few minutes)"
+  cargo install --locked vhost-device-vsock
+fi

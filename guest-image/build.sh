@@ -133,7 +133,7 @@ CONF
   # SET: one line per .deb: file name and sha256.
   : >"$WORK/SET"
   while read -r name ver; do
-    local f; f=$(ls "$DEBS/${name}_${ver//:/%3a}_"*.deb 2>/dev/null | head -n1)
+    local f; f=$(ls "$DEBS/${name}_${ver//:/%3a}_"*.deb 2>/dev/null | sed -n 1p)
     [ -n "$f" ] || die "downloaded file for $name $ver not found"
     echo "$(basename "$f") $(sha256sum <"$f" | cut -d' ' -f1)"
   done <"$WORK/want" | sort >"$WORK/SET"
@@ -212,11 +212,11 @@ nice mmdebstrap --variant=essential --include="$INC" --mode=root \
 [ -x "$RFS/usr/bin/podman" ] || die "mmdebstrap did not install podman"
 
 step "kernel and modules"
-KDEB=$(awk '{print $1}' "$DEBS/SET" | grep -E '^linux-image-[0-9].*-cloud-amd64_' | head -n1)
+KDEB=$(awk '{print $1}' "$DEBS/SET" | grep -E '^linux-image-[0-9].*-cloud-amd64_' | sed -n 1p)
 [ -n "$KDEB" ] || die "no linux-image deb in SET"
 mkdir -p "$WORK/kernel"
 dpkg-deb -x "$DEBS/$KDEB" "$WORK/kernel"
-KVER=$(ls "$WORK/kernel/lib/modules" | head -n1)
+KVER=$(ls "$WORK/kernel/lib/modules" | sed -n 1p)
 info "kernel $KVER"
 mkdir -p "$WORK/out"
 cp "$WORK/kernel/boot/vmlinuz-$KVER" "$WORK/out/vmlinuz64"

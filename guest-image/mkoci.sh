@@ -24,7 +24,7 @@ printf 'root:x:0:\nnogroup:x:65534:\n' >"$W/layer/etc/group"
 LSUM=$(sha256sum <"$W/layer.tar" | cut -d' ' -f1)
 mkdir -p "$W/img/$LSUM"; mv "$W/layer.tar" "$W/img/$LSUM/layer.tar"
 CREATED=$(date -u -d "@$SDE" +%Y-%m-%dT%H:%M:%SZ)
-VER=$("$BB" 2>&1 | head -n1 | awk '{print $2}')
+VER=$("$BB" 2>&1 | awk 'NR==1{print $2}')
 printf '{"architecture":"amd64","os":"linux","created":"%s","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"Labels":{"org.opencontainers.image.description":"busybox %s from Debian busybox-static, built by b2p guest-image"}},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"history":[{"created":"%s","created_by":"b2p guest-image/mkoci.sh"}]}' \
   "$CREATED" "$VER" "$LSUM" "$CREATED" >"$W/config.json"
 CSUM=$(sha256sum <"$W/config.json" | cut -d' ' -f1)

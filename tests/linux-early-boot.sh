@@ -50,18 +50,18 @@ fi
 
 # --- the kernel: linux-image-cloud-amd64 is a metapackage; fetch what it depends on
 mkdir -p "$debs"
-deb=$(ls -t "$debs"/linux-image-*-cloud-amd64_*.deb 2>/dev/null | grep -v -- '-dbg' | head -n1 || true)
+deb=$(ls -t "$debs"/linux-image-*-cloud-amd64_*.deb 2>/dev/null | grep -v -- '-dbg' | sed -n 1p || true)
 if [ -z "$deb" ]; then
 	command -v apt-get >/dev/null || die "no cached kernel .deb in $debs and no apt-get"
 	pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
 	[ -n "$pkg" ] || die "cannot resolve linux-image-cloud-amd64 (apt-get update?)"
 	echo "linux-early-boot: downloading $pkg into $debs"
 	(cd "$debs" && apt-get download "$pkg" >/dev/null) || die "apt-get download $pkg failed"
-	deb=$(ls -t "$debs"/"$pkg"_*.deb | head -n1)
+	deb=$(ls -t "$debs"/"$pkg"_*.deb | sed -n 1p)
 fi
 echo "linux-early-boot: kernel package $(basename "$deb")"
 dpkg-deb -x "$deb" "$work/pkg" || die "cannot unpack $deb"
-kernel=$(ls "$work"/pkg/boot/vmlinuz-* | head -n1)
+kernel=$(ls "$work"/pkg/boot/vmlinuz-* | sed -n 1p)
 [ -f "$kernel" ] || die "no vmlinuz in $deb"
 
 if [ "${B2P_LINUX_KERNEL:-elf}" = elf ]; then
