@@ -1007,12 +1007,13 @@ fn connect_line_split_across_writes() {
 
 #[test]
 fn varlink_exchange_through_port_listener() {
-    // A recorded org.varlink.service.GetInfo call and reply (NUL-framed),
-    // carried byte for byte both ways as with `--vsock-port 1024=PATH`.
-    const CALL: &[u8] = b"{\"method\":\"org.varlink.service.GetInfo\",\"parameters\":{}}\0";
-    const REPLY: &[u8] = b"{\"parameters\":{\"vendor\":\"b2p\",\"product\":\"b2p-agent\",\
-\"version\":\"0.1.0\",\"url\":\"https://github.com/b2p\",\"interfaces\":[\"org.varlink.service\",\
-\"io.podman\",\"io.b2p.Machine\"]}}\0";
+    // The recorded org.varlink.service.GetInfo call and b2p-agent's reply
+    // (NUL-framed, tests/varlink/recorded/), carried byte for byte both ways
+    // through the port listener `--vsock-port 1024=PATH` configures.
+    const CALL: &[u8] = include_bytes!("../../../../tests/varlink/recorded/getinfo.call");
+    const REPLY: &[u8] = include_bytes!("../../../../tests/varlink/recorded/getinfo.reply");
+    assert_eq!(CALL.last(), Some(&0), "recorded call is NUL-terminated");
+    assert_eq!(REPLY.last(), Some(&0), "recorded reply is NUL-terminated");
     let mut g = Guest::new(&[1024], 4096);
     g.listen.push(1024);
     g.echo = false;
