@@ -236,3 +236,37 @@ fn probe_console_none_powers_off() {
     assert_eq!(out.status.code(), Some(0), "{}", out.describe());
     assert!(!out.stdout.contains("probe:"), "{}", out.describe());
 }
+
+/// No --kernel: `b2p-vmm run` boots the guest image under `$B2P_CACHE/image`
+/// (vmlinuz64 + boot2podman.lz4 when built, else boot2podman.gz). The probe
+/// stands in for vmlinuz64 and checks which initrd it was given.
+#[test]
+fn default_image_prefers_lz4_initrd() {
+    let test = "default_image_prefers_lz4_initrd";
+    let Some(vmm) = setup(test) else { return };
+    let dir = TempDir::new(test);
+    let image = dir.join("image");
+    std::fs::create_dir_all(&image).unwrap();
+    std::fs::copy(b2p_probe::BZIMAGE, image.join("vmlinuz64")).unwrap();
+    let gz = random_bytes(4096 + 5);
+    let lz4 = random_bytes(8192 + 3);
+    std::fs::write(image.join("boot2podman.gz"), &gz).unwrap();
+    let boot = |data: &[u8]| {
+        let mut cmd = vmm_command(&vmm);
+        cmd.arg("run")
+            .args(["--cmdline", &probe_cmdline(64, 1, Some(data), "")])
+            .args(["--memory", "64", "--console", "stdio"])
+            .env("B2P_CACHE", dir.join(""));
+        run_with_deadline(cmd, LIMIT)
+    };
+    // Only the gzip image: it is the initrd.
+    let out = boot(&gz);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    assert_line(&out.stdout, "probe: initrd ok", &out);
+    // Both: the lz4 one wins.
+    std::fs::write(image.join("boot2podman.lz4"), &lz4).unwrap();
+    let out = boot(&lz4);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    assert_line(&out.stdout, "probe: initrd ok", &out);
+    assert!(!out.stdout.contains("probe: FAIL"), "{}", out.describe());
+}
