@@ -328,6 +328,20 @@ fn agent_over_vhost_user_vsock_under_qemu_tcg() {
     let st = &st["status"];
     assert_eq!(st["data_disk"]["state"], "mounted", "{st}");
     assert_eq!(st["podman_ready"], true, "{st}");
+    // The init's boot milestones (/run/b2p/milestones) and the agent's own,
+    // in the order the guest reached them.
+    let names: Vec<&str> = st["milestones"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|e| e["name"].as_str()).collect())
+        .unwrap_or_default();
+    let order = ["init", "disk", "network", "sshd", "userspace-ready"];
+    let found: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| order.contains(n))
+        .collect();
+    assert_eq!(found, order, "init milestones: {st}");
+    assert!(names.contains(&"agent-listening"), "{st}");
 
     // A stock podman client through vsock port 1025.
     if let Some(podman) = find_tool("podman") {

@@ -47,25 +47,9 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(disk)
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
+/// `aa:bb:cc:dd:ee:ff`, unicast (the devices crate's parser, its error as text).
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)");
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        let p = parts.next().ok_or_else(bad)?;
-        if p.len() != 2 {
-            return Err(bad());
-        }
-        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    if parts.next().is_some() {
-        return Err(bad());
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!("{s} is a multicast address"));
-    }
-    Ok(mac)
+    b2p_devices::virtio::net::parse_mac(s).map_err(|e| e.to_string())
 }
 
 /// `tap=NAME[,mac=M]`.

@@ -128,6 +128,19 @@ pub enum ActivateError {
     Backend(#[from] std::io::Error),
 }
 
+/// Copies the window `offset..offset + data.len()` of a config space into
+/// `data`; bytes past the end of `config` (or an offset that overflows) read 0.
+pub fn read_config_window(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).ok();
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = start
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// A virtio device as the MMIO transport sees it.
 pub trait VirtioDevice: Send {
     /// Virtio device id (see [`device_type`]).

@@ -5,6 +5,7 @@
 mod dispatch;
 mod forward;
 mod idl;
+mod listen;
 mod machine;
 mod podman;
 mod protocol;
@@ -103,23 +104,43 @@ async fn run(args: Args) -> Result<()> {
         let l = bind_unix(path)?;
         sockets.push(path.clone());
         info!("varlink on unix:{}", path.display());
-        tasks.spawn(server::serve_unix(agent.clone(), l));
+        tasks.spawn(listen::accept_loop(
+            agent.clone(),
+            l,
+            "the varlink socket",
+            server::serve_connection,
+        ));
     }
     if let Some(path) = &args.forward_unix {
         let l = bind_unix(path)?;
         sockets.push(path.clone());
         info!("forwarding unix:{} to podman", path.display());
-        tasks.spawn(forward::forward_unix(agent.clone(), l));
+        tasks.spawn(listen::accept_loop(
+            agent.clone(),
+            l,
+            "the forwarding socket",
+            forward::forward,
+        ));
     }
     if let Some(port) = vsock_port {
         let l = bind_vsock(port)?;
         info!("varlink on vsock port {port}");
-        tasks.spawn(server::serve_vsock(agent.clone(), l));
+        tasks.spawn(listen::accept_loop(
+            agent.clone(),
+            l,
+            "the varlink vsock port",
+            server::serve_connection,
+        ));
     }
     if let Some(port) = forward_port {
         let l = bind_vsock(port)?;
         info!("forwarding vsock port {port} to podman");
-        tasks.spawn(forward::forward_vsock(agent.clone(), l));
+        tasks.spawn(listen::accept_loop(
+            agent.clone(),
+            l,
+            "the forwarding vsock port",
+            forward::forward,
+        ));
     }
     agent.machine().milestone("agent-listening");
     if args.podman_at_start {

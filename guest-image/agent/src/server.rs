@@ -1,21 +1,17 @@
 //! The varlink connection loop: reads calls, resolves the interface and
 //! method, checks the parameters against the signature, runs the method and
 //! writes its replies (several with `continues` when the client asked for
-//! `more`, none for `oneway`). Also the accept loops for Unix and vsock
-//! listeners, with a bound on concurrent connections.
+//! `more`, none for `oneway`). The accept loops are in `listen`.
 
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::dispatch::Agent;
 use crate::protocol::{read_message, write_reply, Call, Reply, VarlinkError};
-
-/// Connections served at once per listener; more wait in the backlog.
-pub const MAX_CONNECTIONS: usize = 256;
 
 /// A sender for the intermediate replies of a `more` call.
 pub type Progress = mpsc::Sender<Value>;
@@ -102,53 +98,6 @@ async fn run_call(
         .check_input(method, &params)
         .map_err(|e| VarlinkError::invalid_parameter(&e.0))?;
     agent.call(iface.name, method_name, params, progress).await
-}
-
-/// Accepts varlink connections on a Unix listener forever.
-pub async fn serve_unix(agent: Arc<Agent>, listener: tokio::net::UnixListener) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    serve_connection(agent, stream).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                warn!("accept on the varlink socket: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Accepts varlink connections on a vsock listener forever.
-pub async fn serve_vsock(agent: Arc<Agent>, listener: tokio_vsock::VsockListener) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                debug!("varlink connection from {peer:?}");
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    serve_connection(agent, stream).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                warn!("accept on the varlink vsock port: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

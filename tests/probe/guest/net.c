@@ -49,7 +49,9 @@ void virtio_net_test(struct vdev *d)
 	cmdline_u64("probe.net_wait_ms", &wait_ms);
 	int sent = 0, tx_done = 0, got = 0;
 	u64 since_tx = 200;
-	for (u64 t = 0; t < wait_ms && !got; t++) {
+	/* Until both directions are seen: the host frame can land in the RX
+	 * ring before the TX completion lands in the TX ring. */
+	for (u64 t = 0; t < wait_ms && !(got && tx_done); t++) {
 		if (since_tx >= 200 && d->q[1].num_free) {
 			struct vbuf vb = { tx, NET_HDR + 60, 0 };
 			if (vq_add(&d->q[1], &vb, 1) >= 0) {
@@ -89,7 +91,7 @@ void virtio_net_test(struct vdev *d)
 				vq_kick(d, &d->q[0]);
 			}
 		}
-		if (!got) {
+		if (!(got && tx_done)) {
 			wait_change(&d->irq_count, d->irq_count, 1);
 			since_tx++;
 		}

@@ -19,7 +19,9 @@ use super::{
     BlockConfig, BlockError, DISCARD_SECTOR_ALIGNMENT, ID_BYTES, MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
 };
-use crate::virtio::{device_type, ActivateContext, ActivateError, IrqLine, VirtioDevice};
+use crate::virtio::{
+    device_type, read_config_window, ActivateContext, ActivateError, IrqLine, VirtioDevice,
+};
 use crate::GuestMemoryMmap;
 
 /// Size of the config space we expose (through `write_zeroes_may_unmap`).
@@ -242,15 +244,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        for (i, b) in data.iter_mut().enumerate() {
-            if let Some(v) = start.checked_add(i).and_then(|j| self.config.get(j)) {
-                *b = *v;
-            }
-        }
+        read_config_window(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

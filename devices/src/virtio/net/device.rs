@@ -21,7 +21,9 @@ use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::{
     random_mac, MacAddr, NetConfig, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RXQ, TXQ, VNET_HDR_LEN,
 };
-use crate::virtio::{device_type, ActivateContext, ActivateError, IrqLine, VirtioDevice};
+use crate::virtio::{
+    device_type, read_config_window, ActivateContext, ActivateError, IrqLine, VirtioDevice,
+};
 use crate::GuestMemoryMmap;
 
 /// Feature bits (virtio 1.2 §5.1.3).
@@ -410,14 +412,7 @@ impl VirtioDevice for Net {
         let mut cfg = [0u8; 8];
         cfg[..6].copy_from_slice(&self.mac);
         cfg[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_window(&cfg, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -129,51 +129,45 @@ impl Tap {
 
     /// `readv` one frame (header included).
     pub fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        loop {
+        retry_eintr(|| {
             // SAFETY: every iovec points at memory valid for writes of its
             // length (host buffer or resolved guest memory).
-            let r = unsafe {
-                libc::readv(
-                    self.file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len().min(1024) as libc::c_int,
-                )
-            };
-            if r >= 0 {
-                return Ok(r as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+            unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iov_count(iov)) }
+        })
     }
 
     /// `writev` one frame (header included).
     pub fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        loop {
+        retry_eintr(|| {
             // SAFETY: every iovec points at memory valid for reads of its
             // length (resolved guest memory).
-            let r = unsafe {
-                libc::writev(
-                    self.file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len().min(1024) as libc::c_int,
-                )
-            };
-            if r >= 0 {
-                return Ok(r as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+            unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov_count(iov)) }
+        })
     }
 }
 
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+}
+
+/// The iovec count for readv/writev: at most IOV_MAX (1024) entries.
+fn iov_count(iov: &[libc::iovec]) -> libc::c_int {
+    // At most 1024, which fits a c_int.
+    iov.len().min(1024) as libc::c_int
+}
+
+/// Runs a syscall returning a byte count, again while it fails with EINTR.
+fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let r = call();
+        if let Ok(n) = usize::try_from(r) {
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }

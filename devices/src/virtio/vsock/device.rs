@@ -15,7 +15,9 @@ use super::packet::{parse_tx, RxBuffer};
 use super::{
     VsockConfig, VsockError, EVQ, QUEUE_SIZE, RXQ, TXQ, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
 };
-use crate::virtio::{device_type, ActivateContext, ActivateError, IrqLine, VirtioDevice};
+use crate::virtio::{
+    device_type, read_config_window, ActivateContext, ActivateError, IrqLine, VirtioDevice,
+};
 use crate::GuestMemoryMmap;
 
 pub(super) struct Active {
@@ -244,14 +246,7 @@ impl VirtioDevice for Vsock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
         let cfg = self.cfg.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_window(&cfg, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
