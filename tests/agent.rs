@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 
 const IMAGE: &str = "localhost/busybox:latest";
 
+/// Prints a skip line straight to stderr (past libtest's capture).
 fn skip(reason: &str) {
-    eprintln!("SKIP: {reason}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
 }
 
 fn have(cmd: &str, args: &[&str]) -> bool {

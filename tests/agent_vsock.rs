@@ -15,8 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Prints a skip line straight to stderr (past libtest's capture).
 fn skip(reason: &str) {
-    eprintln!("SKIP: {reason}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
 }
 
 fn find_tool(name: &str) -> Option<PathBuf> {

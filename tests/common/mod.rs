@@ -13,9 +13,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Prints the loud skip line the test rules ask for.
+/// Prints the loud skip line the test rules ask for, straight to stderr
+/// (past libtest's capture, so it shows even when the test passes).
 pub fn skip(test: &str, reason: &str) {
-    eprintln!("SKIP: {test}: {reason}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP: {test}: {reason}");
 }
 
 /// `Ok` when /dev/kvm can be opened read-write by this process.

@@ -18,8 +18,10 @@ pub fn boot_lock() -> MutexGuard<'static, ()> {
     BOOT_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Prints a skip line straight to stderr (past libtest's capture).
 pub fn skip(reason: &str) {
-    eprintln!("SKIP: {reason}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
 }
 
 /// The image directory: `$B2P_CACHE/image` (default `~/.cache/b2p/image`).

@@ -173,7 +173,8 @@ mod tests {
         let (_kvm, vm) = match crate::kvm::create_vm() {
             Ok(v) => v,
             Err(e) => {
-                eprintln!("SKIP: {e}");
+                let _ =
+                    std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIP: {e}\n"));
                 return;
             }
         };

@@ -19,7 +19,7 @@ fn kvm_usable() -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("SKIP: /dev/kvm not usable: {e}");
+            let _ = writeln!(std::io::stderr(), "SKIP: /dev/kvm not usable: {e}");
             false
         }
     }
@@ -259,7 +259,10 @@ fn stdin_tty_is_raw_for_the_guest_and_restored() {
         return;
     }
     if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("SKIP: script(1) (util-linux) is not installed: no pseudo-terminal to test with");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP: script(1) (util-linux) is not installed: no pseudo-terminal to test with"
+        );
         return;
     }
     // Echo every received byte back; on 'q' reset.

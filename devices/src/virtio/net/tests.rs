@@ -3,6 +3,7 @@
 //! the MMIO transport and event loop, driven by the in-process test driver;
 //! the far end of the TAP is an AF_PACKET socket in the same namespace.
 
+use std::io::Write;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -40,11 +41,17 @@ struct NetNs(String);
 impl NetNs {
     fn new(mtu: u32) -> Option<NetNs> {
         if !is_root() {
-            eprintln!("SKIP: virtio-net TAP tests need root (ip netns, /dev/net/tun)");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP: virtio-net TAP tests need root (ip netns, /dev/net/tun)"
+            );
             return None;
         }
         if Command::new("ip").arg("-V").output().is_err() {
-            eprintln!("SKIP: the `ip` tool (iproute2) is missing");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP: the `ip` tool (iproute2) is missing"
+            );
             return None;
         }
         static N: AtomicU32 = AtomicU32::new(0);
@@ -270,7 +277,10 @@ fn missing_tap_is_a_clear_error() {
         .unwrap_err();
         assert!(matches!(e, NetError::NotATap(_)), "{e}");
     } else {
-        eprintln!("SKIP: 'lo is not a TAP' check needs root");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP: 'lo is not a TAP' check needs root"
+        );
     }
 }
 
