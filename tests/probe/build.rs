@@ -1,7 +1,9 @@
 //! Builds the probe guest: gcc compiles the freestanding C and assembly in
-//! `guest/`, ld links it with `guest/probe.ld`, objcopy flattens it into a
-//! bzImage. The disassembly is then checked for instructions this
-//! workplace's KVM (PVM, DESIGN.md §8) cannot execute in a guest.
+//! `guest/`, ld links it with `guest/probe.ld` into an ELF that is itself a
+//! PVH kernel, and objcopy makes the bzImage from it (the setup sectors,
+//! then the flattened protected-mode part). The disassembly is then checked
+//! for instructions this workplace's KVM (PVM, DESIGN.md §8) cannot execute
+//! in a guest.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +15,7 @@ const SOURCES: &[&str] = &[
     "lib.c",
     "cmdline.c",
     "bootparams.c",
+    "pvh.c",
     "acpi.c",
     "cpu.c",
     "trap.c",
@@ -129,6 +132,22 @@ fn check_disassembly(elf: &Path) {
     }
 }
 
+/// The ELF must carry the PVH entry note (type 18; older readelf names it
+/// PHYS32_ENTRY, newer ones print the number).
+fn check_pvh_note(elf: &Path) {
+    let out = match Command::new("readelf").args(["-n", "-l"]).arg(elf).output() {
+        Ok(o) if o.status.success() => o,
+        _ => panic!("b2p-probe: readelf -n failed (install binutils)"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("NOTE")
+            && text.contains("Xen")
+            && (text.contains("PHYS32_ENTRY") || text.contains("(0x00000012)")),
+        "b2p-probe: no XEN_ELFNOTE_PHYS32_ENTRY note in probe.elf:\n{text}"
+    );
+}
+
 fn check_header(image: &[u8]) {
     assert!(image.len() > 0x1200, "b2p-probe: bzImage too small");
     assert_eq!(&image[0x202..0x206], b"HdrS", "b2p-probe: no HdrS at 0x202");
@@ -190,11 +209,24 @@ fn main() {
         .arg(&elf)
         .args(&objs));
     check_disassembly(&elf);
-    let image = out.join("probe.bzImage");
+    check_pvh_note(&elf);
+    // bzImage = the (non-loadable) setup sectors + the loadable segments
+    // flattened from the lowest physical address on.
+    let setup = out.join("probe.setup.bin");
+    let pm = out.join("probe.pm.bin");
+    run(Command::new("objcopy")
+        .arg("--dump-section")
+        .arg(format!(".setup={}", setup.display()))
+        .arg(&elf)
+        .arg(out.join("probe.elf.tmp")));
+    let _ = std::fs::remove_file(out.join("probe.elf.tmp"));
     run(Command::new("objcopy")
         .args(["-O", "binary"])
         .arg(&elf)
-        .arg(&image));
-    let bytes = std::fs::read(&image).expect("read probe.bzImage");
+        .arg(&pm));
+    let mut bytes = std::fs::read(&setup).expect("read probe.setup.bin");
+    bytes.extend(std::fs::read(&pm).expect("read probe.pm.bin"));
+    let image = out.join("probe.bzImage");
+    std::fs::write(&image, &bytes).expect("write probe.bzImage");
     check_header(&bytes);
 }

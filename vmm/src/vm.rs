@@ -57,6 +57,8 @@ impl std::fmt::Display for VmExit {
 pub struct Timings {
     /// The first vCPU exit of any kind (≈ first guest instruction).
     pub first_exit_us: Option<u64>,
+    /// The first byte the guest wrote to the serial transmitter (THR).
+    pub first_serial_us: Option<u64>,
     /// The boot-timer write.
     pub boot_timer_us: Option<u64>,
 }
@@ -69,6 +71,7 @@ pub struct Shared {
     start_ns: u64,
     print_timings: bool,
     first_exit_us: AtomicU64,
+    first_serial_us: AtomicU64,
     boot_timer_us: AtomicU64,
 }
 
@@ -83,6 +86,7 @@ impl Shared {
             start_ns,
             print_timings,
             first_exit_us: AtomicU64::new(UNSET),
+            first_serial_us: AtomicU64::new(UNSET),
             boot_timer_us: AtomicU64::new(UNSET),
         }
     }
@@ -104,6 +108,20 @@ impl Shared {
             && self.print_timings
         {
             eprintln!("b2p-vmm: timing first_exit_us={us}");
+        }
+    }
+
+    /// Record the first serial output byte (the serial device calls this
+    /// once, from its first-output hook).
+    fn note_first_serial(&self) {
+        let us = self.since_start_us();
+        if self
+            .first_serial_us
+            .compare_exchange(UNSET, us, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+            && self.print_timings
+        {
+            eprintln!("b2p-vmm: timing first_serial_us={us}");
         }
     }
 
@@ -135,6 +153,7 @@ impl Shared {
         let get = |a: &AtomicU64| Some(a.load(Ordering::Acquire)).filter(|v| *v != UNSET);
         Timings {
             first_exit_us: get(&self.first_exit_us),
+            first_serial_us: get(&self.first_serial_us),
             boot_timer_us: get(&self.boot_timer_us),
         }
     }
@@ -231,6 +250,11 @@ impl Vm {
             serial,
             input_ready,
         } = devices;
+        let first_serial = shared.clone();
+        serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_first_output(Box::new(move || first_serial.note_first_serial()));
         let terminal = match input_ready {
             Some(ready) => {
                 let guard = TerminalGuard::raw(libc::STDIN_FILENO)?;

@@ -48,12 +48,17 @@ pub const FLUSH_DELAY: Duration = Duration::from_millis(5);
 /// Buffered output is written once it reaches this size.
 const FLUSH_SIZE: usize = 4096;
 
+/// Runs once, at the first byte the guest writes to the transmitter (a
+/// boot milestone), before any buffering.
+pub type FirstOutputHook = Box<dyn FnOnce() + Send>;
+
 /// The serial device's output: write-through, or buffered with a flush timer.
 pub struct ConsoleWriter {
     out: Box<dyn Write + Send>,
     buf: Vec<u8>,
     timer: Option<TimerFd>,
     armed: bool,
+    first_output: Option<FirstOutputHook>,
 }
 
 impl ConsoleWriter {
@@ -63,6 +68,7 @@ impl ConsoleWriter {
             buf: Vec::new(),
             timer: None,
             armed: false,
+            first_output: None,
         }
     }
 
@@ -79,6 +85,9 @@ impl ConsoleWriter {
 
 impl Write for ConsoleWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Some(hook) = self.first_output.take() {
+            hook();
+        }
         self.buf.extend_from_slice(data);
         match self.timer.as_mut() {
             None => self.flush_now(),
@@ -162,6 +171,11 @@ impl SerialDevice {
         let watcher = unsafe { TimerFd::from_raw_fd(dup) };
         self.serial.writer_mut().timer = Some(timer);
         Ok(watcher)
+    }
+
+    /// Run `hook` at the first byte the guest transmits (once).
+    pub fn on_first_output(&mut self, hook: FirstOutputHook) {
+        self.serial.writer_mut().first_output = Some(hook);
     }
 
     /// Write buffered output now (the flush timer fired).
@@ -274,6 +288,21 @@ mod tests {
         dev.write(0, b"x");
         drop(dev);
         assert_eq!(&*out.0.lock().unwrap(), b"log line\nlogin: x");
+    }
+
+    #[test]
+    fn first_output_hook_runs_once_at_the_first_byte() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, ConsoleOutput::Sink, None);
+        let calls = Arc::new(Mutex::new(0));
+        let c = calls.clone();
+        dev.on_first_output(Box::new(move || *c.lock().unwrap() += 1));
+        dev.write(1, &[0]); // IER: not output
+        dev.write(3, &[3]); // LCR
+        assert_eq!(*calls.lock().unwrap(), 0);
+        dev.write(0, b"a");
+        dev.write(0, b"b");
+        assert_eq!(*calls.lock().unwrap(), 1);
     }
 
     #[test]

@@ -82,13 +82,15 @@ static void check_rsdp(void)
 		scanned = find_rsdp(ebda, ebda + 1024);
 	if (!scanned)
 		scanned = find_rsdp(0xe0000, 0x100000);
-	pr("probe: acpi rsdp scan=0x%lx boot_params.acpi_rsdp_addr=0x%lx\n", scanned, boot.rsdp);
+	/* PVH: rsdp_paddr 0 means "not given, scan" (Linux does). */
+	const char *field = boot.pvh ? "hvm_start_info.rsdp_paddr" : "boot_params.acpi_rsdp_addr";
+	pr("probe: acpi rsdp scan=0x%lx %s=0x%lx\n", scanned, field, boot.rsdp);
 	if (!scanned)
 		fail("no RSDP in the EBDA or 0xe0000-0xfffff (kernels before 5.0 only scan there)");
-	if (!boot.rsdp)
-		fail("boot_params.acpi_rsdp_addr is 0");
-	else if (scanned && boot.rsdp != scanned)
-		fail("boot_params.acpi_rsdp_addr 0x%lx != scanned RSDP 0x%lx", boot.rsdp, scanned);
+	if (!boot.rsdp && !boot.pvh)
+		fail("%s is 0", field);
+	else if (boot.rsdp && scanned && boot.rsdp != scanned)
+		fail("%s 0x%lx != scanned RSDP 0x%lx", field, boot.rsdp, scanned);
 	u64 a = boot.rsdp ? boot.rsdp : scanned;
 	if (!a || a >= IDENT_LIMIT)
 		return;

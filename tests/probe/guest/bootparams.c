@@ -14,7 +14,6 @@
 #define BP_E820_ENTRIES		0x1e8
 #define BP_HDR			0x1f1
 #define BP_E820_TABLE		0x2d0
-#define E820_MAX		128
 /* setup_header fields, as zero-page offsets */
 #define HDR_SETUP_SECTS		0x1f1
 #define HDR_BOOT_FLAG		0x1fe
@@ -76,6 +75,8 @@ void bootparams_check(u64 zero_page, u64 load_addr)
 		fail("boot_params.hdr.version 0x%x < 0x20c", version);
 	if (loader == 0)
 		fail("boot_params.hdr.type_of_loader is 0: Linux then ignores the initrd");
+	boot.source = "boot_params";
+	boot.info_page = boot.zero_page;
 	boot.init_size = zp32(HDR_INIT_SIZE);
 	u32 code32 = zp32(HDR_CODE32_START);
 	if (code32 != (u32)load_addr)
@@ -102,6 +103,9 @@ void bootparams_check(u64 zero_page, u64 load_addr)
 	boot.rsdp = zp64(BP_ACPI_RSDP_ADDR);
 	boot.initrd = (u64)zp32(HDR_RAMDISK_IMAGE) | ((u64)zp32(BP_EXT_RAMDISK_IMAGE) << 32);
 	boot.initrd_size = (u64)zp32(HDR_RAMDISK_SIZE) | ((u64)zp32(BP_EXT_RAMDISK_SIZE) << 32);
+	boot.initrd_addr_max = zp32(HDR_INITRD_ADDR_MAX);
+	boot.e820 = (const struct e820_entry *)(boot.zero_page + BP_E820_TABLE);
+	boot.e820_count = zp8(BP_E820_ENTRIES);
 }
 
 int e820_is_ram(u64 addr, u64 len)
@@ -116,11 +120,9 @@ int e820_is_ram(u64 addr, u64 len)
 
 void e820_check(void)
 {
-	if (!boot.zero_page)
+	if (!boot.source)
 		return;
-	u32 n = zp8(BP_E820_ENTRIES);
-	boot.e820 = (const struct e820_entry *)(boot.zero_page + BP_E820_TABLE);
-	boot.e820_count = n;
+	u32 n = boot.e820_count;
 	if (n == 0 || n > E820_MAX) {
 		fail("e820_entries=%u", n);
 		boot.e820_count = 0;
@@ -175,7 +177,7 @@ void initrd_check(void)
 	int have_size = cmdline_u64("probe.initrd_size", &want_size);
 	u64 a = boot.initrd, n = boot.initrd_size;
 
-	if (!boot.zero_page)
+	if (!boot.source)
 		return;
 	if (n == 0) {
 		if (have_sum || have_size)
@@ -186,13 +188,13 @@ void initrd_check(void)
 	}
 	pr("probe: initrd addr=0x%lx size=%lu\n", a, n);
 	int ok = 1;
-	u32 max = zp32(HDR_INITRD_ADDR_MAX);
+	u64 max = boot.initrd_addr_max;
 	if (a & 0xfff) {
 		fail("initrd at 0x%lx is not page aligned", a);
 		ok = 0;
 	}
-	if (a + n - 1 > (u64)max) {
-		fail("initrd end 0x%lx above initrd_addr_max 0x%x", a + n, max);
+	if (max && a + n - 1 > max) {
+		fail("initrd end 0x%lx above initrd_addr_max 0x%lx", a + n, max);
 		ok = 0;
 	}
 	if (!e820_is_ram(a, n)) {
@@ -203,8 +205,8 @@ void initrd_check(void)
 		fail("initrd overlaps the kernel's init_size area");
 		ok = 0;
 	}
-	if (a < boot.zero_page + 0x1000 && boot.zero_page < a + n) {
-		fail("initrd overlaps the zero page");
+	if (a < boot.info_page + 0x1000 && boot.info_page < a + n) {
+		fail("initrd overlaps the %s", boot.source);
 		ok = 0;
 	}
 	if (have_size && want_size != n) {

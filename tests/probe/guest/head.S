@@ -3,8 +3,10 @@
  *
  * Owns: the real-mode sector with the Linux boot-protocol setup header
  * (Documentation/arch/x86/boot.rst), the 64-bit entry at protected-mode
- * start + 0x200, the probe's own page tables and GDT, the switch to the
- * link address, and the interrupt/exception entry stubs.
+ * start + 0x200, the PVH entry (32-bit, paging off, ebx = hvm_start_info,
+ * announced by a Xen PHYS32_ENTRY ELF note), the probe's own page tables
+ * and GDT, the switch to the link address, and the interrupt/exception
+ * entry stubs.
  */
 
 #define PTE_P	0x001
@@ -16,6 +18,16 @@
 #define IDENT_GIB	8		/* identity map 0..8 GiB with 2 MiB pages */
 #define KERNEL_PTS	2		/* 2 page tables: 4 MiB of image + bss */
 #define PREBUILT_LOAD	0x100000	/* code32_start */
+
+/*
+ * Physical address of a protected-mode symbol in the ELF as linked (its
+ * LMA, probe.ld: PROBE_VIRT_BASE -> PROBE_LOAD_PHYS). Only PVH code uses
+ * it: a PVH loader puts the ELF's segments at their LMAs.
+ */
+#define PA(x)	((x) - 0xffffffff80200000 + PREBUILT_LOAD)
+
+#define BOOT_LINUX64	0		/* rsi = boot_params */
+#define BOOT_PVH	1		/* rsi = hvm_start_info */
 
 /* ------------------------------------------------------------------ */
 /* Boot sector + setup sectors (loaded by nobody: 64-bit boot only).   */
@@ -87,9 +99,51 @@ start_of_setup:
 	.code32
 	.globl	startup_32
 startup_32:
-	cli				/* 32-bit entry is not supported */
+	cli				/* the bzImage 32-bit entry is not supported */
 1:	hlt
 	jmp	1b
+
+	/*
+	 * PVH entry (xen/include/public/arch-x86/hvm/start_info.h): 32-bit
+	 * protected mode, paging off, flat CS/DS, ebx = hvm_start_info, no
+	 * usable stack. Long mode on the probe's identity map, then the
+	 * 64-bit entry's common path. Runs at the LMA, so PA() addresses.
+	 */
+	.globl	pvh_start32
+pvh_start32:
+	outb	%al, $0x80			/* first guest instruction, as below */
+	cli
+	cld
+	movl	%ebx, %esi			/* hvm_start_info (physical) */
+	/* PML4[0] -> pdpt_ident -> pd_ident (prebuilt), as startup_64 does. */
+	movl	$(PA(pdpt_ident) + PTE_P + PTE_RW), PA(pml4)
+	movl	$PA(pdpt_ident), %edi
+	movl	$(PA(pd_ident) + PTE_P + PTE_RW), %eax
+	xorl	%ecx, %ecx
+1:	movl	%eax, (%edi, %ecx, 8)
+	addl	$4096, %eax
+	incl	%ecx
+	cmpl	$IDENT_GIB, %ecx
+	jb	1b
+	movl	%cr4, %eax
+	orl	$0x20, %eax			/* PAE */
+	movl	%eax, %cr4
+	movl	$PA(pml4), %eax
+	movl	%eax, %cr3
+	movl	$0xc0000080, %ecx		/* EFER.LME */
+	rdmsr
+	orl	$0x100, %eax
+	wrmsr
+	lgdt	PA(pvh_gdt_desc)
+	movl	%cr0, %eax
+	orl	$0x80000001, %eax		/* PG | PE */
+	movl	%eax, %cr0
+	ljmp	$0x08, $PA(pvh_start64)
+
+	.code64
+pvh_start64:
+	movl	$BOOT_PVH, %r13d
+	jmp	startup_common
 
 	.org	0x200
 	.code64
@@ -100,9 +154,11 @@ startup_64:
 	 * vCPU exit marks "first guest instruction".
 	 */
 	outb	%al, $0x80
+	xorl	%r13d, %r13d			/* BOOT_LINUX64 */
+startup_common:
 	cli
 	cld
-	movq	%rsi, %r15			/* boot_params (physical) */
+	movq	%rsi, %r15			/* boot_params or hvm_start_info (physical) */
 	leaq	startup_32(%rip), %r14		/* where the loader put us */
 
 	/*
@@ -178,8 +234,9 @@ startup_64_high:
 	movl	%eax, %gs
 	leaq	stack_top(%rip), %rsp
 	xorl	%ebp, %ebp
-	movq	%r15, %rdi			/* boot_params */
+	movq	%r15, %rdi			/* boot_params / hvm_start_info */
 	movq	%r14, %rsi			/* load address */
+	movq	%r13, %rdx			/* BOOT_LINUX64 / BOOT_PVH */
 	call	probe_main
 1:	cli
 	hlt
@@ -282,6 +339,27 @@ gdt_end:
 gdt_desc:
 	.word	gdt_end - gdt - 1
 	.quad	gdt
+	/* The same GDT for lgdt in 32-bit mode, before paging: physical base. */
+	.align	8
+	.word	0, 0, 0
+pvh_gdt_desc:
+	.word	gdt_end - gdt - 1
+	.long	PA(gdt)
+
+	/*
+	 * XEN_ELFNOTE_PHYS32_ENTRY: the PVH entry's physical address. PVH
+	 * loaders (b2p-vmm, QEMU, Cloud Hypervisor) find it in the ELF's
+	 * PT_NOTE; probe.ld keeps it out of the bzImage's way at its end.
+	 */
+	.section .note.Xen, "a", @note
+	.balign	4
+	.long	4				/* namesz: "Xen\0" */
+	.long	4				/* descsz */
+	.long	18				/* XEN_ELFNOTE_PHYS32_ENTRY */
+	.asciz	"Xen"
+	.balign	4
+	.long	PA(pvh_start32)
+	.balign	4
 
 	/*
 	 * The identity map's page directories do not depend on where we were

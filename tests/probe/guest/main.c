@@ -1,34 +1,54 @@
 /*
- * main.c - the probe's sequence: console, IDT, boot_params, E820, initrd,
- * ACPI, CPU; then "probe: PASS" (or FAIL lines), the boot-timer write and
+ * main.c - the probe's sequence: console, IDT, boot_params (or PVH's
+ * hvm_start_info), E820, initrd, ACPI, CPU; then "probe: PASS" (or FAIL lines), the boot-timer write and
  * poweroff. head.S calls probe_main on our own page tables and stack.
  */
 #include "virtio.h"
 
-void probe_main(u64 zero_page, u64 load_addr);
+/* head.S: how we were entered (rsi / ebx at the entry). */
+#define BOOT_LINUX64 0	/* 64-bit boot protocol: info = boot_params */
+#define BOOT_PVH 1	/* PVH: info = hvm_start_info */
 
-void probe_main(u64 zero_page, u64 load_addr)
+void probe_main(u64 info, u64 load_addr, u64 protocol);
+
+static const char *early_cmdline(u64 info, u64 protocol)
+{
+	if (protocol == BOOT_PVH)
+		return pvh_cmdline(info);
+	if (info && info < IDENT_LIMIT) {
+		u64 cl = *(volatile u32 *)(info + 0x228);
+		if (cl)
+			return (const char *)cl;
+	}
+	return NULL;
+}
+
+void probe_main(u64 info, u64 load_addr, u64 protocol)
 {
 	/* Timing runs (probe.quick=1): the boot timer as soon as C runs. */
 	int quick = 0;
-	if (zero_page && zero_page < IDENT_LIMIT) {
-		u64 cl = *(volatile u32 *)(zero_page + 0x228);
-		if (cl) {
-			cmdline_set((const char *)cl);
-			quick = cmdline_flag("probe.quick");
-		}
+	const char *cl = early_cmdline(info, protocol);
+	if (cl) {
+		cmdline_set(cl);
+		quick = cmdline_flag("probe.quick");
 	}
 	/* Like the guest image: the boot timer only when the monitor maps it
 	 * (b2p-vmm --boot-timer appends b2p.boot_timer=1). */
 	int timer = cmdline_flag("b2p.boot_timer");
 	if (quick && timer)
 		boot_timer_write();
-	console_quiet = quick;	/* timing runs print FAIL lines only */
 
 	console_init();
+	/* The console marker every run prints (QEMU has no boot timer: the
+	 * boot bench waits for this line); timing runs then print FAIL lines
+	 * only. */
 	pr("\nprobe: hello\n");
+	console_quiet = quick;
 	trap_init();
-	bootparams_check(zero_page, load_addr);
+	if (protocol == BOOT_PVH)
+		pvh_check(info, load_addr);
+	else
+		bootparams_check(info, load_addr);
 
 	if (quick) {
 		pr("probe: quick\n");

@@ -84,6 +84,9 @@ struct e820_entry {
 } __attribute__((packed));
 
 struct boot_info {
+	const char *source;	/* "boot_params", "hvm_start_info" or NULL */
+	int pvh;
+	u64 info_page;		/* zero page or hvm_start_info */
 	u64 zero_page;
 	u64 load_addr;
 	u64 init_size;
@@ -93,11 +96,18 @@ struct boot_info {
 	const struct e820_entry *e820;
 	u64 initrd;
 	u64 initrd_size;
+	u64 initrd_addr_max;	/* 0: no limit given (PVH) */
 	u64 ram_total;
 	u64 ram_top;
 };
 extern struct boot_info boot;
 void bootparams_check(u64 zero_page, u64 load_addr);
+#define E820_MAX 128
+
+/* ---- pvh.c: hvm_start_info (PVH entry) ---- */
+#define HVM_START_MAGIC 0x336ec578
+const char *pvh_cmdline(u64 start_info);
+void pvh_check(u64 start_info, u64 load_addr);
 void e820_check(void);
 void initrd_check(void);
 void memtouch_check(void);

@@ -54,7 +54,7 @@ void smp_check(const u8 *apic_ids, u32 n)
 		return;
 	}
 	if (!e820_is_ram(AP_TRAMP, 0x1000) || size > 0x1000 ||
-	    (boot.zero_page < AP_TRAMP + 0x1000 && AP_TRAMP < boot.zero_page + 0x1000) ||
+	    (boot.info_page < AP_TRAMP + 0x1000 && AP_TRAMP < boot.info_page + 0x1000) ||
 	    (boot.cmdline < AP_TRAMP + 0x1000 && AP_TRAMP < boot.cmdline + 2048)) {
 		fail("smp: no free RAM page at 0x%lx for the AP trampoline", AP_TRAMP);
 		return;
