@@ -284,3 +284,153 @@ fn unknown_console_kind() {
     );
     assert_clean_error("unknown_console_kind", &out, &["console"]);
 }
+
+/// Device arguments that the monitor must refuse (they get past KVM setup,
+/// so these need /dev/kvm): the disk, TAP and socket cases of the rules.
+fn device_case(test: &str) -> Option<Case> {
+    if let Err(reason) = kvm_usable() {
+        skip(test, &reason);
+        return None;
+    }
+    Some(case(test))
+}
+
+#[test]
+fn disk_missing_or_given_twice() {
+    let test = "disk_missing_or_given_twice";
+    let Some(c) = device_case(test) else { return };
+    let missing = c.dir.join("no-such-disk.img");
+    let out = run_vmm(
+        &c,
+        &run_args(
+            &c.kernel,
+            &c.initrd,
+            &["--disk", &missing.display().to_string()],
+        ),
+    );
+    assert_clean_error(test, &out, &["no-such-disk.img"]);
+
+    let disk = write_file(&c.dir, "data.img", &[0xa5; 64 * 1024]);
+    let d = disk.display().to_string();
+    let out = run_vmm(
+        &c,
+        &run_args(&c.kernel, &c.initrd, &["--disk", &d, "--disk", &d]),
+    );
+    assert_clean_error(test, &out, &["given twice"]);
+    // Under another name (a hard link) only the image's lock can tell.
+    let link = c.dir.join("same-data.img");
+    std::fs::hard_link(&disk, &link).unwrap();
+    let l = link.display().to_string();
+    let out = run_vmm(
+        &c,
+        &run_args(&c.kernel, &c.initrd, &["--disk", &d, "--disk", &l]),
+    );
+    assert_clean_error(test, &out, &["in use"]);
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        vec![0xa5; 64 * 1024],
+        "{test}: the refused disk was modified"
+    );
+}
+
+#[test]
+fn disk_in_use_by_another_vm() {
+    let test = "disk_in_use_by_another_vm";
+    let Some(c) = device_case(test) else { return };
+    let disk = write_file(&c.dir, "data.img", &[0x5a; 64 * 1024]);
+    let d = disk.display().to_string();
+    // The first VM holds the disk for a while (probe.hold_ms) before it
+    // powers off; the second must be refused while it runs.
+    let mut args = run_args(&c.kernel, &c.initrd, &["--disk", &d, "--console", "none"]);
+    if let Some(i) = args.iter().position(|a| a == "--cmdline") {
+        args[i + 1] = "console=ttyS0 probe.hold_ms=20000".into();
+    }
+    let mut first = vmm_command(&c.vmm);
+    first
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut first = first.spawn().expect("spawning the first VM");
+    // Wait until the first VM holds the lock (flock is visible in /proc/locks).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&disk).unwrap().ino()
+    };
+    while !std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(&format!(":{ino} ")))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{test}: the first VM never locked its disk"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run_vmm(&c, &run_args(&c.kernel, &c.initrd, &["--disk", &d]));
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_clean_error(test, &out, &["in use"]);
+}
+
+#[test]
+fn tap_that_does_not_exist() {
+    let test = "tap_that_does_not_exist";
+    let Some(c) = device_case(test) else { return };
+    let out = run_vmm(
+        &c,
+        &run_args(&c.kernel, &c.initrd, &["--net", "tap=b2pnosuch0"]),
+    );
+    assert_clean_error(test, &out, &["b2pnosuch0"]);
+}
+
+#[test]
+fn vsock_socket_path_taken() {
+    let test = "vsock_socket_path_taken";
+    let Some(c) = device_case(test) else { return };
+    // A live listener owns the path: the monitor must neither steal nor
+    // unlink it.
+    let live = c.dir.join("live.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let uds = c.dir.join("v.sock").display().to_string();
+    for args in [
+        vec![
+            "--vsock".to_string(),
+            format!("cid=3,uds={}", live.display()),
+        ],
+        vec![
+            "--vsock".to_string(),
+            format!("cid=3,uds={uds}"),
+            "--vsock-port".to_string(),
+            format!("1024={}", live.display()),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_vmm(&c, &run_args(&c.kernel, &c.initrd, &args));
+        assert_clean_error(test, &out, &["in use"]);
+        assert!(
+            std::os::unix::net::UnixStream::connect(&live).is_ok(),
+            "{test}: the live listener lost its path"
+        );
+    }
+    drop(listener);
+    // A regular file at the path is not ours to replace.
+    let file = write_file(&c.dir, "notes.txt", b"keep me\n");
+    let out = run_vmm(
+        &c,
+        &run_args(
+            &c.kernel,
+            &c.initrd,
+            &[
+                "--vsock",
+                &format!("cid=3,uds={uds}"),
+                "--vsock-port",
+                &format!("1024={}", file.display()),
+            ],
+        ),
+    );
+    assert_clean_error(test, &out, &["not a socket"]);
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me\n");
+}

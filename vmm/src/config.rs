@@ -142,12 +142,20 @@ impl VmConfig {
         if self.cmdline.as_bytes().contains(&0) {
             return Err(ConfigError::CmdlineNul);
         }
+        let mut disk_paths = Vec::with_capacity(self.disks.len());
         for d in &self.disks {
             if let Some(s) = &d.serial {
                 if s.len() > 20 {
                     return Err(ConfigError::DiskSerial(s.clone()));
                 }
             }
+            // The same image under another name is still caught by the
+            // disk's exclusive lock; this names the plain mistake.
+            let path = std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone());
+            if disk_paths.contains(&path) {
+                return Err(ConfigError::DiskTwice(d.path.clone()));
+            }
+            disk_paths.push(path);
         }
         if let Some(v) = &self.vsock {
             if v.cid < 3 || v.cid == u32::MAX {
@@ -179,6 +187,8 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("disk serial {0:?} is longer than 20 bytes")]
     DiskSerial(String),
+    #[error("disk image {} is given twice (--disk)", .0.display())]
+    DiskTwice(PathBuf),
     #[error("vsock CID {0} is reserved (use 3 or more)")]
     VsockCid(u32),
     #[error("--vsock-port needs --vsock")]

@@ -117,6 +117,23 @@ pub struct ActivateContext {
     pub irq: Arc<IrqLine>,
 }
 
+impl ActivateContext {
+    /// The checks every device makes first: not active yet, and exactly
+    /// `queues` queues with one notifier each.
+    pub fn check(&self, already_active: bool, queues: usize) -> Result<(), ActivateError> {
+        if already_active {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if self.queues.len() != queues || self.queue_evts.len() != queues {
+            return Err(ActivateError::QueueCount {
+                expected: queues,
+                got: self.queues.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Why a device refused activation (the transport then sets DEVICE_NEEDS_RESET).
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

@@ -185,9 +185,7 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
+        ctx.check(self.active.is_some(), 1)?;
         let got = ctx.queues.len();
         let mut queues = ctx.queues.into_iter();
         let (Some(queue), None) = (queues.next(), queues.next()) else {

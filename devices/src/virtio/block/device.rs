@@ -256,9 +256,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
+        ctx.check(self.active.is_some(), 1)?;
         let ActivateContext {
             mem,
             acked_features,
@@ -266,12 +264,6 @@ impl VirtioDevice for Block {
             queue_evts,
             irq,
         } = ctx;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
         let Some(queue) = queues.pop() else {
             return Err(ActivateError::QueueCount {
                 expected: 1,

@@ -424,15 +424,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if ctx.queues.len() != 2 || ctx.queue_evts.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: ctx.queues.len(),
-            });
-        }
+        ctx.check(self.active.is_some(), 2)?;
         self.tap
             .set_offload(Self::tun_offloads(ctx.acked_features))
             .map_err(|e| ActivateError::Backend(io::Error::other(e.to_string())))?;

@@ -257,15 +257,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if ctx.queues.len() != 3 || ctx.queue_evts.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: ctx.queues.len(),
-            });
-        }
+        ctx.check(self.active.is_some(), 3)?;
         if self.queue_evts.is_empty() {
             self.queue_evts = ctx.queue_evts;
         }
