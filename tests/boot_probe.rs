@@ -4,7 +4,8 @@
 //! against --memory, the command line, the initrd bytes, the ACPI tables
 //! (RSDP/XSDT/FACP/APIC/DSDT with checksums, one LAPIC per vCPU), every AP
 //! started with INIT-SIPI-SIPI, then the boot-timer write and an ACPI S5
-//! poweroff that ends the monitor with 0 (APs still halted).
+//! poweroff that ends the monitor with 0 (APs still halted). The probe's
+//! ELF takes the PVH path (hvm_start_info) through the same checks.
 
 mod common;
 
@@ -33,12 +34,32 @@ fn assert_line(console: &str, needle: &str, out: &Outcome) {
     );
 }
 
+/// Which of the probe's two images, and so which entry, a boot takes.
+#[derive(Clone, Copy, PartialEq)]
+enum Entry {
+    /// The bzImage: Linux's 64-bit boot protocol, boot_params in rsi.
+    BzImage,
+    /// The ELF with its Xen PHYS32_ENTRY note: PVH, hvm_start_info in ebx.
+    Pvh,
+}
+
 /// Boots the probe with `cpus` vCPUs and `mem` MiB and a random initrd,
 /// console to a file; checks every report line.
 fn boot_and_check(test: &str, cpus: u32, mem: u64) {
+    boot_entry_and_check(test, Entry::BzImage, cpus, mem)
+}
+
+fn boot_entry_and_check(test: &str, entry: Entry, cpus: u32, mem: u64) {
     let Some(vmm) = setup(test) else { return };
     let dir = TempDir::new(test);
-    let kernel = probe_kernel(&dir);
+    let kernel = match entry {
+        Entry::BzImage => probe_kernel(&dir),
+        Entry::Pvh => {
+            let elf = dir.join("probe.elf");
+            std::fs::copy(b2p_probe::ELF, &elf).unwrap();
+            elf
+        }
+    };
     // Not a multiple of 8 or of a page: the checksum covers a padded tail.
     let initrd_data = random_bytes(64 * 1024 + 13);
     let initrd = write_file(&dir, "initrd.img", &initrd_data);
@@ -77,8 +98,22 @@ fn boot_and_check(test: &str, cpus: u32, mem: u64) {
         fails.is_empty(),
         "probe reported failures: {fails:#?}\n--- console ---\n{console}"
     );
-    assert_line(&console, "probe: entry64 rsi=0x", &out);
-    assert_line(&console, "probe: setup_header magic=HdrS", &out);
+    match entry {
+        Entry::BzImage => {
+            assert_line(&console, "probe: entry64 rsi=0x", &out);
+            assert_line(&console, "probe: setup_header magic=HdrS", &out);
+        }
+        Entry::Pvh => {
+            assert_line(&console, "probe: pvh entry ebx=0x", &out);
+            // The initrd travels as the one module of hvm_start_info.
+            assert_line(&console, "probe: hvm_start_info version=1", &out);
+            assert_line(&console, "nr_modules=1", &out);
+            assert!(
+                !console.contains("probe: entry64"),
+                "the ELF took the 64-bit entry\n{console}"
+            );
+        }
+    }
     // b2p-vmm --boot-timer appends b2p.boot_timer=1.
     assert_line(&console, &format!("probe: cmdline \"{cmdline}"), &out);
     assert_line(&console, " b2p.boot_timer=1\"", &out);
@@ -186,6 +221,18 @@ fn probe_1cpu_4096mib() {
 #[test]
 fn probe_4cpu_4096mib() {
     boot_and_check("probe_4cpu_4096mib", 4, 4096);
+}
+
+/// The ELF vmlinux path: a PVH note makes b2p-vmm take the 32-bit PVH
+/// entry with hvm_start_info (memory map, initrd module, RSDP).
+#[test]
+fn probe_pvh_elf_1cpu_64mib() {
+    boot_entry_and_check("probe_pvh_elf_1cpu_64mib", Entry::Pvh, 1, 64);
+}
+
+#[test]
+fn probe_pvh_elf_4cpu_4096mib() {
+    boot_entry_and_check("probe_pvh_elf_4cpu_4096mib", Entry::Pvh, 4, 4096);
 }
 
 /// --console stdio: the guest's serial output is the monitor's stdout.
