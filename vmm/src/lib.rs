@@ -27,7 +27,8 @@
 //! `builder` (the build steps), `vcpu` (vCPU state and run loop), `devices` (buses, allocators, wiring),
 //! `virtio` (device construction), `event_loop`, `console`, `vm`
 //! (orchestration and lifecycle), [`cli`] (argument parsers shared with the
-//! manager).
+//! manager), [`image`] (where the default guest image is), [`signals`]
+//! (SIGINT/SIGTERM stop the VM).
 
 mod builder;
 pub mod cli;
@@ -36,7 +37,9 @@ mod console;
 mod devices;
 mod error;
 mod event_loop;
+pub mod image;
 mod kvm;
+pub mod signals;
 mod vcpu;
 mod virtio;
 mod vm;

@@ -9,12 +9,15 @@
 //! or on SIGTERM/SIGINT; otherwise 1 (2 for usage errors) with exactly one
 //! line `b2p-vmm: error: ...` on stderr.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{bail, Context};
-use b2p_vmm::{cli, monotonic_ns, Console, DiskConfig, NetConfig, Vm, VmConfig, VsockConfig};
+use anyhow::Context;
+use b2p_vmm::signals::StopSignals;
+use b2p_vmm::{
+    cli, image, monotonic_ns, Console, DiskConfig, NetConfig, Vm, VmConfig, VsockConfig,
+};
 use clap::{Args, Parser, Subcommand};
 
 /// CLOCK_MONOTONIC when the process image started running (before Rust's
@@ -89,58 +92,13 @@ struct RunArgs {
     timings: bool,
 }
 
-/// Where guest-image/build.sh puts the default image.
-fn default_image_dir() -> Option<PathBuf> {
-    if let Some(c) = std::env::var_os("B2P_CACHE").filter(|c| !c.is_empty()) {
-        return Some(PathBuf::from(c).join("image"));
-    }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
-    Some(Path::new(&home).join(".cache/b2p/image"))
-}
-
 fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     if let Some(k) = &args.kernel {
         return Ok((k.clone(), args.initrd.clone()));
     }
-    let Some(dir) = default_image_dir() else {
-        bail!("no --kernel given and HOME is not set to find the default guest image");
-    };
-    let kernel = dir.join("vmlinuz64");
-    // The image's legacy-lz4 initramfs unpacks in about half the time of
-    // the gzip one (guest-image/README.md, "Figures"): prefer it when built.
-    let initrd = args.initrd.clone().unwrap_or_else(|| {
-        let lz4 = dir.join("boot2podman.lz4");
-        if lz4.is_file() {
-            lz4
-        } else {
-            dir.join("boot2podman.gz")
-        }
-    });
-    for f in [&kernel, &initrd] {
-        if !f.is_file() {
-            bail!(
-                "no --kernel given and the default guest image is missing ({}); build it with guest-image/build.sh",
-                f.display()
-            );
-        }
-    }
+    let (kernel, initrd) =
+        image::default_image(args.initrd.as_deref()).context("no --kernel given")?;
     Ok((kernel, Some(initrd)))
-}
-
-/// Block SIGINT/SIGTERM in every thread and stop the VM when one arrives.
-fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
-    // SAFETY: plain sigset manipulation on a local.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc)).context("blocking SIGINT/SIGTERM");
-        }
-        Ok(set)
-    }
 }
 
 fn run(args: RunArgs, start_ns: u64) -> anyhow::Result<()> {
@@ -163,18 +121,10 @@ fn run(args: RunArgs, start_ns: u64) -> anyhow::Result<()> {
         timings,
         start_ns: Some(start_ns),
     };
-    let set = block_stop_signals()?;
+    let signals = StopSignals::block().context("blocking SIGINT/SIGTERM")?;
     let vm = Vm::start(config)?;
-    let stop = vm.stop_handle();
-    std::thread::Builder::new()
-        .name("b2p-signals".into())
-        .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: `set` is a valid sigset; sigwait writes the signal number.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                stop.stop();
-            }
-        })
+    signals
+        .stop_vm_on_signal(vm.stop_handle())
         .context("spawning the signal thread")?;
     let exit = vm.wait()?;
     log::debug!("VM ended: {exit}");
