@@ -1,7 +1,12 @@
-//! b2p: the manager CLI (the successor of podman-machine). For now it
-//! carries the host-side varlink client:
-//! `b2p varlink ADDRESS call METHOD [PARAMS-JSON]`.
+//! b2p: the manager CLI, the successor of podman-machine. Machines live
+//! under `$XDG_DATA_HOME/b2p/machines/NAME/` (machine.rs); their VM runs in
+//! a detached `b2p` process that embeds the b2p-vmm monitor
+//! (lifecycle.rs). Verbs: create, start, stop, status, ls, inspect, env,
+//! ip, ssh, rm, and `varlink NAME|ADDRESS call METHOD [PARAMS-JSON]`.
 
+mod lifecycle;
+mod machine;
+mod userdata;
 mod varlink;
 
 use std::process::ExitCode;
@@ -9,10 +14,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use serde_json::Value;
+use serde_json::{json, Value};
+
+use lifecycle::CreateOptions;
+use machine::{Machine, State, RUN_VM};
 
 #[derive(Parser, Debug)]
-#[command(name = "b2p", version, about = "Manage b2p microVMs")]
+#[command(
+    name = "b2p",
+    version,
+    about = "Manage b2p microVMs (boot2podman on KVM)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,13 +32,80 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Create a machine: SSH key, data disk (formatted by the guest at its
+    /// first boot), config.
+    Create {
+        name: String,
+        /// Guest memory in MiB
+        #[arg(long, default_value_t = 2048)]
+        memory: u64,
+        /// Number of vCPUs
+        #[arg(long, default_value_t = 2)]
+        cpus: usize,
+        /// Data disk size in MiB (sparse)
+        #[arg(long, value_name = "MiB", default_value_t = 20480)]
+        disk_size: u64,
+        /// Kernel [default: the guest image's vmlinuz64, looked up at start]
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<std::path::PathBuf>,
+        /// Initrd [default: the guest image's boot2podman.lz4, else .gz]
+        #[arg(long, value_name = "PATH")]
+        initrd: Option<std::path::PathBuf>,
+        /// Extra kernel command-line arguments
+        #[arg(long, value_name = "ARGS", default_value = "")]
+        cmdline: String,
+        /// A TAP interface for the machine's eth0
+        #[arg(long, value_name = "NAME")]
+        tap: Option<String>,
+        /// Static eth0 address ADDR/PREFIX (what `ip` and `ssh` use)
+        #[arg(long, value_name = "ADDR/PREFIX", requires = "tap")]
+        ip: Option<String>,
+        /// Default gateway for eth0
+        #[arg(long, value_name = "ADDR", requires = "ip")]
+        gateway: Option<String>,
+    },
+    /// Start a machine's VM in the background.
+    Start { name: String },
+    /// Stop a machine: the guest shuts down, else its VM is stopped.
+    Stop {
+        name: String,
+        /// Seconds the guest gets to shut down by itself
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Print Running or Stopped.
+    Status { name: String },
+    /// List machines.
+    Ls,
+    /// Print a machine's configuration, state and paths as JSON.
+    Inspect { name: String },
+    /// Print the shell exports that point podman and varlink clients at a machine.
+    Env { name: String },
+    /// Print a machine's IPv4 address.
+    Ip { name: String },
+    /// Log in to a machine (user tc) with its key, or run COMMAND there.
+    Ssh {
+        name: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Remove a machine and its disk.
+    Rm {
+        name: String,
+        /// Stop it first if it is running
+        #[arg(long, short)]
+        force: bool,
+    },
     /// Talk varlink to a machine's agent.
     Varlink {
-        /// unix:PATH, or vsock:UDS_PATH:PORT for a hybrid vsock socket.
+        /// A machine NAME, unix:PATH, or vsock:UDS_PATH:PORT for a hybrid vsock socket.
         address: String,
         #[command(subcommand)]
         action: VarlinkAction,
     },
+    /// The VM process of a machine (started by `b2p start`).
+    #[command(name = RUN_VM, hide = true)]
+    RunVm { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -47,6 +126,18 @@ enum VarlinkAction {
     },
 }
 
+/// `unix:…` and `vsock:…` as they are; anything else names a machine,
+/// whose agent answers on its io.podman socket.
+fn varlink_address(address: &str) -> Result<varlink::Address> {
+    if address.starts_with("unix:") || address.starts_with("vsock:") {
+        return Ok(address.parse()?);
+    }
+    let m = Machine::existing(address).with_context(|| {
+        format!("{address:?} is neither a machine nor a varlink address (unix:PATH, vsock:UDS_PATH:PORT)")
+    })?;
+    Ok(varlink::Address::Unix(m.varlink_path()))
+}
+
 fn varlink_call(
     address: &str,
     method: &str,
@@ -54,7 +145,7 @@ fn varlink_call(
     more: bool,
     timeout: u64,
 ) -> Result<ExitCode> {
-    let addr: varlink::Address = address.parse()?;
+    let addr = varlink_address(address)?;
     let params: Value = serde_json::from_str(params).context("PARAMS-JSON is not JSON")?;
     if !params.is_object() {
         anyhow::bail!("PARAMS-JSON must be a JSON object");
@@ -80,9 +171,124 @@ fn varlink_call(
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+fn ls() -> Result<ExitCode> {
+    let machines = Machine::all()?;
+    println!(
+        "{:<20} {:<8} {:>4} {:>8} {:>9}",
+        "NAME", "STATE", "CPUS", "MEMORY", "DISK"
+    );
+    for m in machines {
+        let c = m.load()?;
+        println!(
+            "{:<20} {:<8} {:>4} {:>5}MiB {:>6}MiB",
+            m.name,
+            m.state().to_string(),
+            c.cpus,
+            c.memory_mib,
+            c.disk_size_mib
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(m: &Machine) -> Result<ExitCode> {
+    let config = m.load()?;
+    let (state, pid) = match m.state() {
+        State::Running(pid) => ("Running", Some(pid)),
+        State::Stopped => ("Stopped", None),
+    };
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    let v = json!({
+        "name": m.name,
+        "state": state,
+        "pid": pid,
+        "config": config,
+        "paths": {
+            "dir": path(m.dir.clone()),
+            "disk": path(m.disk_path()),
+            "ssh_key": path(m.key_path()),
+            "console_log": path(m.console_log_path()),
+            "vmm_log": path(m.vmm_log_path()),
+            "vsock": path(m.vsock_path()),
+            "varlink": format!("unix:{}", m.varlink_path().display()),
+            "podman": format!("unix://{}", m.podman_socket_path().display()),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Create {
+            name,
+            memory,
+            cpus,
+            disk_size,
+            kernel,
+            initrd,
+            cmdline,
+            tap,
+            ip,
+            gateway,
+        } => {
+            let m = Machine::named(&name)?;
+            let opts = CreateOptions {
+                memory_mib: memory,
+                cpus,
+                disk_size_mib: disk_size,
+                kernel,
+                initrd,
+                cmdline,
+                tap,
+                ip,
+                gateway,
+            };
+            lifecycle::create(&m, opts)?;
+            println!("Machine {name} created in {}", m.dir.display());
+            println!("Start it with: b2p start {name}");
+        }
+        Command::Start { name } => {
+            let m = Machine::existing(&name)?;
+            let pid = lifecycle::start(&m, Duration::from_secs(30))?;
+            println!(
+                "Machine {name} started (pid {pid}); console: {}",
+                m.console_log_path().display()
+            );
+            println!("Point podman at it with: eval $(b2p env {name})");
+        }
+        Command::Stop { name, timeout } => {
+            let m = Machine::existing(&name)?;
+            if lifecycle::stop(&m, Duration::from_secs(timeout))? {
+                println!("Machine {name} stopped");
+            } else {
+                println!("Machine {name} is not running");
+            }
+        }
+        Command::Status { name } => println!("{}", Machine::existing(&name)?.state()),
+        Command::Ls => return ls(),
+        Command::Inspect { name } => return inspect(&Machine::existing(&name)?),
+        Command::Env { name } => {
+            let m = Machine::existing(&name)?;
+            println!(
+                "export CONTAINER_HOST=unix://{}",
+                m.podman_socket_path().display()
+            );
+            println!("export VARLINK_ADDRESS=unix:{}", m.varlink_path().display());
+            println!("# Run this command to configure your shell: eval $(b2p env {name})");
+        }
+        Command::Ip { name } => {
+            let m = Machine::existing(&name)?;
+            let Some(ip) = m.load()?.ip else {
+                anyhow::bail!("machine {name} has no static address (create it with --tap TAP --ip ADDR/PREFIX)");
+            };
+            println!("{}", ip.split('/').next().unwrap_or(&ip));
+        }
+        Command::Ssh { name, command } => lifecycle::ssh(&Machine::existing(&name)?, &command)?,
+        Command::Rm { name, force } => {
+            lifecycle::remove(&Machine::existing(&name)?, force)?;
+            println!("Machine {name} removed");
+        }
         Command::Varlink {
             address,
             action:
@@ -92,12 +298,22 @@ fn main() -> ExitCode {
                     more,
                     timeout,
                 },
-        } => varlink_call(&address, &method, &parameters, more, timeout),
+        } => return varlink_call(&address, &method, &parameters, more, timeout),
+        Command::RunVm { name } => lifecycle::run_vm(&Machine::existing(&name)?)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = match b2p_vmm::cli::parse_args("b2p", "b2p --help") {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    match result {
+    match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("b2p: {e:#}");
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("b2p: error: {msg}");
             ExitCode::from(2)
         }
     }

@@ -33,8 +33,10 @@ pub enum ClientError {
     Connect(String, std::io::Error),
     #[error("vsock handshake refused: {0:?}")]
     Handshake(String),
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("no reply within the timeout")]
+    Timeout,
+    #[error(transparent)]
+    Io(std::io::Error),
     #[error("reply larger than {MAX_REPLY} bytes")]
     TooLong,
     #[error("connection closed before the reply")]
@@ -43,6 +45,16 @@ pub enum ClientError {
     Json(#[from] serde_json::Error),
     #[error("the service answered {error}: {parameters}")]
     Remote { error: String, parameters: Value },
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            // What a read past SO_RCVTIMEO returns.
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ClientError::Timeout,
+            _ => ClientError::Io(e),
+        }
+    }
 }
 
 impl std::str::FromStr for Address {

@@ -1,8 +1,10 @@
 //! Parsers for the `b2p-vmm run` option values, shared with the manager so
 //! both accept exactly the same syntax. Each returns a one-line message on
-//! error (clap prefixes it with the option name).
+//! error (clap prefixes it with the option name). [`parse_args`] gives both
+//! binaries the same one-line usage errors.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use crate::config::{Console, DiskConfig, NetConfig, VsockConfig};
 
@@ -112,6 +114,52 @@ pub fn parse_vsock_port(s: &str) -> Result<(u32, PathBuf), String> {
         return Err("missing PATH in PORT=PATH".into());
     }
     Ok((port, PathBuf::from(path)))
+}
+
+/// Parses this process's arguments. Help and version print as clap prints
+/// them (exit 0); a usage error becomes one line
+/// `PROG: error: … (see HELP)` on stderr and exit status 2.
+pub fn parse_args<P: clap::Parser>(prog: &str, help: &str) -> Result<P, ExitCode> {
+    use clap::error::ErrorKind;
+    let e = match P::try_parse() {
+        Ok(p) => return Ok(p),
+        Err(e) => e,
+    };
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            Err(ExitCode::SUCCESS)
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            Err(ExitCode::from(2))
+        }
+        _ => {
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            // clap puts what is missing on the lines after the first.
+            let detail: Vec<&str> = text
+                .lines()
+                .skip_while(|l| !l.contains(line))
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            if detail.is_empty() {
+                eprintln!("{prog}: error: {line} (see {help})");
+            } else {
+                eprintln!(
+                    "{prog}: error: {line} {} (see {prog} --help)",
+                    detail.join(" ")
+                );
+            }
+            Err(ExitCode::from(2))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -168,32 +168,9 @@ fn main() -> ExitCode {
     if start_ns == 0 {
         start_ns = monotonic_ns();
     }
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match cli::parse_args("b2p-vmm", "b2p-vmm run --help") {
         Ok(c) => c,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                    ExitCode::from(2)
-                } else {
-                    ExitCode::SUCCESS
-                };
-            }
-            let text = e.render().to_string();
-            let line = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            let line = line.strip_prefix("error: ").unwrap_or(line);
-            eprintln!("b2p-vmm: error: {line} (see b2p-vmm run --help)");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     init_logging();
     let Command::Run(args) = cli.command;

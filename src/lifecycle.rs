@@ -1,0 +1,363 @@
+//! A machine's life: `create` (directory, SSH key, format-me data disk,
+//! config.json), `start` (a detached VM process, `b2p __run-vm NAME`, that
+//! embeds the monitor), `stop` (the guest's own shutdown over varlink,
+//! then SIGTERM to the VM process, then SIGKILL), `rm`.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use b2p_vmm::config::DEFAULT_CMDLINE;
+use b2p_vmm::signals::StopSignals;
+use b2p_vmm::{image, Console, DiskConfig, NetConfig, Vm, VmConfig, VsockConfig};
+
+use crate::machine::{write_atomic, Machine, MachineConfig, State, RUN_VM};
+use crate::userdata;
+use crate::varlink;
+
+/// What `b2p create` takes besides the name.
+pub struct CreateOptions {
+    pub memory_mib: u64,
+    pub cpus: usize,
+    pub disk_size_mib: u64,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub tap: Option<String>,
+    pub ip: Option<String>,
+    pub gateway: Option<String>,
+}
+
+/// The guest's vsock CID; each machine has its own host-side socket, so
+/// all can share it.
+const GUEST_CID: u32 = 3;
+/// Guest vsock ports the agent serves (DESIGN.md §7).
+const VARLINK_PORT: u32 = 1024;
+const PODMAN_PORT: u32 = 1025;
+
+/// Makes the machine's directory, key, disk and config; on any failure
+/// nothing is left behind.
+pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
+    if m.dir.exists() {
+        bail!("machine {} already exists ({})", m.name, m.dir.display());
+    }
+    let config = MachineConfig {
+        name: m.name.clone(),
+        memory_mib: opts.memory_mib,
+        cpus: opts.cpus,
+        disk_size_mib: opts.disk_size_mib,
+        kernel: opts.kernel.map(absolute).transpose()?,
+        initrd: opts.initrd.map(absolute).transpose()?,
+        cmdline: opts.cmdline,
+        tap: opts.tap,
+        ip: opts.ip,
+        gateway: opts.gateway,
+        created: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    if config.disk_size_mib < 64 {
+        bail!("--disk-size must be at least 64 MiB");
+    }
+    if config.gateway.is_some() && config.ip.is_none() {
+        bail!("--gateway needs --ip");
+    }
+    if let Some(ip) = &config.ip {
+        check_cidr(ip)?;
+    }
+    // Everything the VM will be given must make sense now, not at start.
+    vm_config(m, &config, false)?
+        .validate()
+        .map_err(anyhow::Error::new)?;
+    if let Some(parent) = m.dir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::create_dir(&m.dir).with_context(|| format!("creating {}", m.dir.display()))?;
+    let made = (|| {
+        let public_key = ssh_keygen(&m.key_path(), &m.name)?;
+        userdata::create_disk(&m.disk_path(), config.disk_size_mib << 20, &public_key)
+            .with_context(|| format!("creating {}", m.disk_path().display()))?;
+        m.save(&config)
+    })();
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&m.dir);
+        return Err(e);
+    }
+    Ok(config)
+}
+
+fn absolute(p: PathBuf) -> Result<PathBuf> {
+    std::fs::canonicalize(&p).with_context(|| format!("{}", p.display()))
+}
+
+/// `ADDR/PREFIX` with an IPv4 address and a prefix of 1 to 32.
+fn check_cidr(s: &str) -> Result<()> {
+    let ok = s.split_once('/').is_some_and(|(a, p)| {
+        a.parse::<std::net::Ipv4Addr>().is_ok()
+            && p.parse::<u8>().is_ok_and(|p| (1..=32).contains(&p))
+    });
+    if !ok {
+        bail!("--ip {s:?}: expected an IPv4 ADDR/PREFIX such as 192.168.127.2/24");
+    }
+    Ok(())
+}
+
+/// A new ed25519 key pair at `path` (no passphrase); returns the public key.
+fn ssh_keygen(path: &Path, name: &str) -> Result<String> {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C"])
+        .arg(format!("b2p-{name}"))
+        .arg("-f")
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ssh-keygen (Debian package openssh-client)")?;
+    if !out.status.success() {
+        bail!(
+            "ssh-keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let pub_path = path.with_extension("pub");
+    std::fs::read_to_string(&pub_path).with_context(|| format!("reading {}", pub_path.display()))
+}
+
+/// The monitor's configuration for a machine. `resolve_image` looks up
+/// the default guest image (start); `create` checks only the rest.
+pub fn vm_config(m: &Machine, c: &MachineConfig, resolve_image: bool) -> Result<VmConfig> {
+    let (kernel, initrd) = match (&c.kernel, resolve_image) {
+        (Some(k), _) => (k.clone(), c.initrd.clone()),
+        (None, true) => {
+            let (k, i) = image::default_image(c.initrd.as_deref())?;
+            (k, Some(i))
+        }
+        (None, false) => (PathBuf::from("vmlinuz64"), c.initrd.clone()),
+    };
+    let mut cmdline = DEFAULT_CMDLINE.to_string();
+    if let Some(ip) = &c.ip {
+        // The init's ip= syntax: client::gateway::hostname:device.
+        let gw = c.gateway.as_deref().unwrap_or("");
+        cmdline.push_str(&format!(" b2p.ip={ip}::{gw}::{}:eth0", c.name));
+    }
+    if !c.cmdline.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&c.cmdline);
+    }
+    let mut v = VmConfig::new(kernel);
+    v.initrd = initrd;
+    v.cmdline = cmdline;
+    v.memory_mib = c.memory_mib;
+    v.vcpus = c.cpus;
+    v.console = Console::File(m.console_log_path());
+    v.boot_timer = true;
+    v.disks = vec![DiskConfig {
+        path: m.disk_path(),
+        read_only: false,
+        serial: Some(format!("b2p-{}", c.name).chars().take(20).collect()),
+    }];
+    v.nets = c
+        .tap
+        .iter()
+        .map(|tap| NetConfig {
+            tap: tap.clone(),
+            mac: None,
+        })
+        .collect();
+    v.vsock = Some(VsockConfig {
+        cid: GUEST_CID,
+        uds_path: m.vsock_path(),
+    });
+    v.vsock_ports = vec![
+        (VARLINK_PORT, m.varlink_path()),
+        (PODMAN_PORT, m.podman_socket_path()),
+    ];
+    v.virtio_rng = true;
+    Ok(v)
+}
+
+/// Starts the machine's VM process and waits until its VM runs (or says
+/// why it cannot); returns its pid.
+pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
+    if let State::Running(pid) = m.state() {
+        bail!("machine {} is already running (pid {pid})", m.name);
+    }
+    let config = m.load()?;
+    vm_config(m, &config, true)?
+        .validate()
+        .map_err(anyhow::Error::new)?;
+    let _ = std::fs::remove_file(m.pid_path());
+    let log = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(m.vmm_log_path())
+        .with_context(|| format!("opening {}", m.vmm_log_path().display()))?;
+    let exe = std::env::current_exe().context("locating the b2p binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(RUN_VM)
+        .arg(&m.name)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the VM process from
+    // this terminal's session so it outlives `b2p start`.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the VM process")?;
+    let begin = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(m.vmm_log_path()).unwrap_or_default();
+            let why = log
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("b2p: error: "))
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("the VM process exited ({status})"));
+            bail!("{why}");
+        }
+        if m.state() == State::Running(child.id()) {
+            return Ok(child.id());
+        }
+        if begin.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the VM process did not come up within {limit:?} (see {})",
+                m.vmm_log_path().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The body of `b2p __run-vm NAME`: runs the machine's VM in this process
+/// until the guest shuts down or SIGTERM/SIGINT arrives.
+pub fn run_vm(m: &Machine) -> Result<()> {
+    let signals = StopSignals::block().context("blocking SIGINT/SIGTERM")?;
+    let config = m.load()?;
+    let vm = Vm::start(vm_config(m, &config, true)?)?;
+    signals
+        .stop_vm_on_signal(vm.stop_handle())
+        .context("spawning the signal thread")?;
+    write_atomic(
+        &m.pid_path(),
+        format!("{}\n", std::process::id()).as_bytes(),
+    )?;
+    let exit = vm.wait();
+    let _ = std::fs::remove_file(m.pid_path());
+    let exit = exit?;
+    eprintln!("b2p: {}: VM ended: {exit}", m.name);
+    Ok(())
+}
+
+/// Stops a running machine: the guest's own shutdown first (io.b2p.Machine
+/// over varlink), SIGTERM to the VM process when the guest does not answer
+/// or does not finish within `grace`, SIGKILL as the last resort.
+pub fn stop(m: &Machine, grace: Duration) -> Result<bool> {
+    let State::Running(pid) = m.state() else {
+        return Ok(false);
+    };
+    let asked = ask_guest_to_shut_down(m);
+    if asked && wait_stopped(m, grace) {
+        return Ok(true);
+    }
+    for (sig, wait) in [
+        (libc::SIGTERM, Duration::from_secs(10)),
+        (libc::SIGKILL, Duration::from_secs(5)),
+    ] {
+        // SAFETY: kill(2) on the pid that the pid file and /proc agree is
+        // this machine's VM process.
+        unsafe { libc::kill(pid as libc::pid_t, sig) };
+        if wait_stopped(m, wait) {
+            if sig == libc::SIGKILL {
+                let _ = std::fs::remove_file(m.pid_path());
+            }
+            return Ok(true);
+        }
+    }
+    bail!("machine {} (pid {pid}) did not stop", m.name)
+}
+
+fn ask_guest_to_shut_down(m: &Machine) -> bool {
+    let addr = varlink::Address::Unix(m.varlink_path());
+    let Ok(mut conn) = varlink::Connection::connect(&addr, Some(Duration::from_secs(3))) else {
+        return false;
+    };
+    conn.call(
+        "io.b2p.Machine.Shutdown",
+        &serde_json::json!({}),
+        false,
+        |_| {},
+    )
+    .is_ok()
+}
+
+fn wait_stopped(m: &Machine, limit: Duration) -> bool {
+    let begin = Instant::now();
+    while begin.elapsed() < limit {
+        if m.state() == State::Stopped {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.state() == State::Stopped
+}
+
+/// Removes a machine; a running one only with `force` (it is stopped first).
+pub fn remove(m: &Machine, force: bool) -> Result<()> {
+    if let State::Running(pid) = m.state() {
+        if !force {
+            bail!(
+                "machine {} is running (pid {pid}): stop it first, or rm --force",
+                m.name
+            );
+        }
+        stop(m, Duration::from_secs(10))?;
+    }
+    std::fs::remove_dir_all(&m.dir).with_context(|| format!("removing {}", m.dir.display()))
+}
+
+/// `ssh` into the machine as boot2podman's user `tc` with its own key;
+/// replaces this process.
+pub fn ssh(m: &Machine, args: &[String]) -> Result<()> {
+    let config = m.load()?;
+    let Some(ip) = config.ip.as_deref() else {
+        bail!(
+            "machine {} has no address for ssh: create it with --tap TAP --ip ADDR/PREFIX",
+            m.name
+        );
+    };
+    if m.state() == State::Stopped {
+        bail!("machine {} is not running (b2p start {})", m.name, m.name);
+    }
+    let addr = ip.split('/').next().unwrap_or(ip);
+    let err = Command::new("ssh")
+        .arg("-i")
+        .arg(m.key_path())
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            m.known_hosts_path().display()
+        ))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .arg(format!("tc@{addr}"))
+        .args(args)
+        .exec();
+    Err(err).context("running ssh (Debian package openssh-client)")
+}
