@@ -253,3 +253,51 @@ fn foreign_disks_untouched_blank_disk_formatted() {
     assert_eq!(sha256(&ptdisk), s2, "the partitioned disk was modified");
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The data disk `b2p create` makes (the manager's format-me tar with the
+/// machine's own SSH key) is the one the image's init formats: labelled,
+/// mounted, the key extracted byte for byte.
+#[test]
+fn disk_made_by_b2p_create_is_formatted_with_its_key() {
+    let Some((kernel, initrd)) = prerequisites() else {
+        return;
+    };
+    let _g = boot_lock();
+    let dir = tempfile_dir("b2p-create-disk");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_b2p"))
+        .args(["create", "qemu", "--disk-size", "256", "--kernel"])
+        .arg(&kernel)
+        .env("XDG_DATA_HOME", &dir)
+        .output()
+        .expect("run b2p create");
+    assert!(
+        out.status.success(),
+        "b2p create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let machine = dir.join("b2p/machines/qemu");
+    let public = fs::read_to_string(machine.join("id_ed25519.pub")).unwrap();
+    let disk = machine.join("disk.raw");
+
+    let b = boot_qemu(&kernel, &initrd, &[&disk], "b2p.check=disk", TIMEOUT);
+    let d = b.dump();
+    assert!(
+        b.has("disk vda: starts with 'boot2podman, please format-me': keeping userdata.tar"),
+        "{d}"
+    );
+    assert!(
+        b.check("data=")
+            .unwrap_or_default()
+            .starts_with("/dev/vda1 label=boot2podman-data type=ext4"),
+        "{d}"
+    );
+    // The check prints the key's first 60 bytes.
+    let head: String = public.chars().take(60).collect();
+    assert!(
+        b.check(&format!("keys /home/tc/.ssh/authorized_keys 1 {head}"))
+            .is_some(),
+        "the machine's key did not reach /home/tc: {d}"
+    );
+    assert!(b.has("b2p-check: bound /var/lib/containers"), "{d}");
+    let _ = fs::remove_dir_all(&dir);
+}
