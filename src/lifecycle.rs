@@ -18,16 +18,35 @@ use crate::machine::{write_atomic, Machine, MachineConfig, State, RUN_VM};
 use crate::userdata;
 use crate::varlink;
 
-/// What `b2p create` takes besides the name.
+/// What `b2p create` takes besides the name (its command-line options).
+#[derive(clap::Args, Debug)]
 pub struct CreateOptions {
+    /// Guest memory in MiB
+    #[arg(long = "memory", value_name = "MiB", default_value_t = 2048)]
     pub memory_mib: u64,
+    /// Number of vCPUs
+    #[arg(long, default_value_t = 2)]
     pub cpus: usize,
+    /// Data disk size in MiB (sparse)
+    #[arg(long = "disk-size", value_name = "MiB", default_value_t = 20480)]
     pub disk_size_mib: u64,
+    /// Kernel [default: the guest image's vmlinuz64, looked up at start]
+    #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Initrd [default: the guest image's boot2podman.lz4, else .gz]
+    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// Extra kernel command-line arguments
+    #[arg(long, value_name = "ARGS", default_value = "")]
     pub cmdline: String,
+    /// A TAP interface for the machine's eth0
+    #[arg(long, value_name = "NAME")]
     pub tap: Option<String>,
+    /// Static eth0 address ADDR/PREFIX (what `ip` and `ssh` use)
+    #[arg(long, value_name = "ADDR/PREFIX", requires = "tap")]
     pub ip: Option<String>,
+    /// Default gateway for eth0
+    #[arg(long, value_name = "ADDR", requires = "ip")]
     pub gateway: Option<String>,
 }
 

@@ -36,33 +36,8 @@ enum Command {
     /// first boot), config.
     Create {
         name: String,
-        /// Guest memory in MiB
-        #[arg(long, default_value_t = 2048)]
-        memory: u64,
-        /// Number of vCPUs
-        #[arg(long, default_value_t = 2)]
-        cpus: usize,
-        /// Data disk size in MiB (sparse)
-        #[arg(long, value_name = "MiB", default_value_t = 20480)]
-        disk_size: u64,
-        /// Kernel [default: the guest image's vmlinuz64, looked up at start]
-        #[arg(long, value_name = "PATH")]
-        kernel: Option<std::path::PathBuf>,
-        /// Initrd [default: the guest image's boot2podman.lz4, else .gz]
-        #[arg(long, value_name = "PATH")]
-        initrd: Option<std::path::PathBuf>,
-        /// Extra kernel command-line arguments
-        #[arg(long, value_name = "ARGS", default_value = "")]
-        cmdline: String,
-        /// A TAP interface for the machine's eth0
-        #[arg(long, value_name = "NAME")]
-        tap: Option<String>,
-        /// Static eth0 address ADDR/PREFIX (what `ip` and `ssh` use)
-        #[arg(long, value_name = "ADDR/PREFIX", requires = "tap")]
-        ip: Option<String>,
-        /// Default gateway for eth0
-        #[arg(long, value_name = "ADDR", requires = "ip")]
-        gateway: Option<String>,
+        #[command(flatten)]
+        options: CreateOptions,
     },
     /// Start a machine's VM in the background.
     Start { name: String },
@@ -220,31 +195,9 @@ fn inspect(m: &Machine) -> Result<ExitCode> {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Create {
-            name,
-            memory,
-            cpus,
-            disk_size,
-            kernel,
-            initrd,
-            cmdline,
-            tap,
-            ip,
-            gateway,
-        } => {
+        Command::Create { name, options } => {
             let m = Machine::named(&name)?;
-            let opts = CreateOptions {
-                memory_mib: memory,
-                cpus,
-                disk_size_mib: disk_size,
-                kernel,
-                initrd,
-                cmdline,
-                tap,
-                ip,
-                gateway,
-            };
-            lifecycle::create(&m, opts)?;
+            lifecycle::create(&m, options)?;
             println!("Machine {name} created in {}", m.dir.display());
             println!("Start it with: b2p start {name}");
         }
