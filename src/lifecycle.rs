@@ -348,21 +348,16 @@ pub fn remove(m: &Machine, force: bool) -> Result<()> {
 }
 
 /// `ssh` into the machine as boot2podman's user `tc` with its own key;
-/// replaces this process.
+/// replaces this process. Over the machine's static address when it has
+/// one, else over vsock port 22 (the agent joins it to sshd), which needs
+/// no network at all.
 pub fn ssh(m: &Machine, args: &[String]) -> Result<()> {
     let config = m.load()?;
-    let Some(ip) = config.ip.as_deref() else {
-        bail!(
-            "machine {} has no address for ssh: create it with --tap TAP --ip ADDR/PREFIX",
-            m.name
-        );
-    };
     if m.state() == State::Stopped {
         bail!("machine {} is not running (b2p start {})", m.name, m.name);
     }
-    let addr = ip.split('/').next().unwrap_or(ip);
-    let err = Command::new("ssh")
-        .arg("-i")
+    let mut cmd = Command::new("ssh");
+    cmd.arg("-i")
         .arg(m.key_path())
         .arg("-o")
         .arg(format!(
@@ -374,9 +369,28 @@ pub fn ssh(m: &Machine, args: &[String]) -> Result<()> {
             "StrictHostKeyChecking=accept-new",
             "-o",
             "IdentitiesOnly=yes",
-        ])
-        .arg(format!("tc@{addr}"))
-        .args(args)
-        .exec();
+        ]);
+    match config.ip.as_deref() {
+        Some(ip) => {
+            cmd.arg(format!("tc@{}", ip.split('/').next().unwrap_or(ip)));
+        }
+        None => {
+            let exe = std::env::current_exe().context("locating the b2p binary")?;
+            // ssh runs ProxyCommand through a shell: quote the paths.
+            cmd.arg("-o").arg(format!(
+                "ProxyCommand={} {} {} 22",
+                shell_quote(&exe.display().to_string()),
+                crate::vsock::PROXY,
+                shell_quote(&m.vsock_path().display().to_string())
+            ));
+            cmd.arg(format!("tc@b2p-{}", m.name));
+        }
+    }
+    let err = cmd.args(args).exec();
     Err(err).context("running ssh (Debian package openssh-client)")
+}
+
+/// `s` in single quotes for sh.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }

@@ -8,6 +8,7 @@ mod lifecycle;
 mod machine;
 mod userdata;
 mod varlink;
+mod vsock;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -78,6 +79,9 @@ enum Command {
         #[command(subcommand)]
         action: VarlinkAction,
     },
+    /// Join stdin/stdout to a guest vsock port (ssh's ProxyCommand).
+    #[command(name = vsock::PROXY, hide = true)]
+    VsockProxy { uds: std::path::PathBuf, port: u32 },
     /// The VM process of a machine (started by `b2p start`).
     #[command(name = RUN_VM, hide = true)]
     RunVm { name: String },
@@ -252,6 +256,7 @@ fn run(command: Command) -> Result<ExitCode> {
                     timeout,
                 },
         } => return varlink_call(&address, &method, &parameters, more, timeout),
+        Command::VsockProxy { uds, port } => vsock::proxy(&uds, port)?,
         Command::RunVm { name } => lifecycle::run_vm(&Machine::existing(&name)?)?,
     }
     Ok(ExitCode::SUCCESS)

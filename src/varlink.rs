@@ -4,7 +4,7 @@
 //! answer), sends one call and reads its replies (several when `more` is
 //! set), each a NUL-terminated JSON object.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -91,25 +91,6 @@ pub struct Connection {
     writer: UnixStream,
 }
 
-/// Reads the hybrid vsock answer line byte by byte, so that nothing after
-/// the newline is consumed.
-fn read_line_raw(stream: &mut UnixStream) -> Result<String, ClientError> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 64 {
-        if stream.read(&mut byte)? == 0 {
-            break;
-        }
-        if byte[0] == b'\n' {
-            return Ok(String::from_utf8_lossy(&line).into_owned());
-        }
-        line.push(byte[0]);
-    }
-    Err(ClientError::Handshake(
-        String::from_utf8_lossy(&line).into_owned(),
-    ))
-}
-
 impl Connection {
     /// Connects, doing the vsock handshake when the address asks for it.
     pub fn connect(addr: &Address, timeout: Option<Duration>) -> Result<Self, ClientError> {
@@ -117,19 +98,15 @@ impl Connection {
             Address::Unix(p) => (p, None),
             Address::Vsock { uds, port } => (uds, Some(*port)),
         };
-        let mut stream = UnixStream::connect(path)
-            .map_err(|e| ClientError::Connect(path.display().to_string(), e))?;
-        stream.set_read_timeout(timeout)?;
-        if let Some(port) = port {
-            stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-            let line = read_line_raw(&mut stream)?;
-            let ok = line
-                .strip_prefix("OK ")
-                .is_some_and(|n| n.trim().parse::<u32>().is_ok());
-            if !ok {
-                return Err(ClientError::Handshake(line));
+        let stream = match port {
+            Some(port) => crate::vsock::hybrid_connect(path, port, timeout)?,
+            None => {
+                let s = UnixStream::connect(path)
+                    .map_err(|e| ClientError::Connect(path.display().to_string(), e))?;
+                s.set_read_timeout(timeout)?;
+                s
             }
-        }
+        };
         let writer = stream.try_clone()?;
         Ok(Self {
             reader: BufReader::new(stream),

@@ -162,11 +162,22 @@ fn agent_over_vhost_user_vsock_under_qemu_tcg() {
     }
     let scratch = Scratch::new("vsock");
     let dir = scratch.0.clone();
-    let disk = dir.join("data.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(512 << 20)
-        .unwrap();
+    // The data disk and key of a machine made by `b2p create`: the init
+    // formats the disk and installs the key for user tc (ssh below).
+    let xdg = dir.join("xdg");
+    let created = Command::new(env!("CARGO_BIN_EXE_b2p"))
+        .args(["create", "vsock", "--disk-size", "512"])
+        .env("XDG_DATA_HOME", &xdg)
+        .output()
+        .expect("running b2p create");
+    assert!(
+        created.status.success(),
+        "b2p create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let machine = xdg.join("b2p/machines/vsock");
+    let disk = machine.join("disk.raw");
+    let key = machine.join("id_ed25519");
     let vhost_sock = dir.join("vhost.sock");
     let uds = dir.join("vsock.sock");
     let console = dir.join("console.log");
@@ -364,6 +375,52 @@ fn agent_over_vhost_user_vsock_under_qemu_tcg() {
         }
     } else {
         eprintln!("SKIP (part): host podman missing, port 1025 not checked");
+    }
+
+    // ssh with no network: vsock port 22, which the agent joins to sshd,
+    // through `b2p __vsock-proxy` as ssh's ProxyCommand (what `b2p ssh`
+    // runs for a machine without an address).
+    if let Some(ssh) = find_tool("ssh") {
+        let proxy = format!(
+            "{} __vsock-proxy {} 22",
+            env!("CARGO_BIN_EXE_b2p"),
+            uds.display()
+        );
+        // coreutils timeout: a hung session fails the test instead of CI.
+        let out = Command::new("timeout")
+            .arg("180")
+            .arg(ssh)
+            .arg("-i")
+            .arg(&key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args([
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=120",
+            ])
+            .arg("-o")
+            .arg(format!("ProxyCommand={proxy}"))
+            .args(["tc@b2p-vsock", "echo ssh-over-vsock $(id -un)"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "ssh-over-vsock tc",
+            "ssh over vsock port 22: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            console_text()
+        );
+    } else {
+        eprintln!("SKIP (part): ssh missing, vsock port 22 not checked");
     }
 
     eprintln!(

@@ -166,7 +166,7 @@ fn create_ls_inspect_env_rm() {
     assert!(!h.machine_dir("tiny").exists() && !h.machine_dir("badip").exists());
     h.fails(&["start", "nosuch"], "does not exist");
     h.fails(&["ip", "dev"], "no static address");
-    h.fails(&["ssh", "dev"], "no address for ssh");
+    h.fails(&["ssh", "dev"], "is not running");
 
     assert!(h.ok(&["rm", "dev"]).contains("removed"));
     assert!(!dir.exists());

@@ -1,6 +1,7 @@
 //! b2p-agent: the guest agent. Serves varlink (`org.varlink.service`,
-//! `io.podman`, `io.b2p.Machine`) on vsock port 1024 and forwards vsock port
-//! 1025 to Podman's REST socket; for tests, the same on Unix sockets.
+//! `io.podman`, `io.b2p.Machine`) on vsock port 1024, forwards vsock port
+//! 1025 to Podman's REST socket and vsock port 22 to sshd; for tests, the
+//! same on Unix sockets.
 
 mod dispatch;
 mod forward;
@@ -37,6 +38,12 @@ struct Args {
     /// --unix is given).
     #[arg(long)]
     forward_port: Option<u32>,
+    /// vsock port forwarded to sshd (default 22 when no --unix is given).
+    #[arg(long)]
+    ssh_port: Option<u32>,
+    /// Where sshd listens in the guest.
+    #[arg(long, default_value = "127.0.0.1:22")]
+    ssh_target: std::net::SocketAddr,
     /// Serve varlink on this Unix socket path.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
@@ -98,6 +105,7 @@ async fn run(args: Args) -> Result<()> {
     let guest_defaults = args.unix.is_none() && args.forward_unix.is_none();
     let vsock_port = args.vsock_port.or(guest_defaults.then_some(1024));
     let forward_port = args.forward_port.or(guest_defaults.then_some(1025));
+    let ssh_port = args.ssh_port.or(guest_defaults.then_some(22));
     let mut sockets = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &args.unix {
@@ -140,6 +148,17 @@ async fn run(args: Args) -> Result<()> {
             l,
             "the forwarding vsock port",
             forward::forward,
+        ));
+    }
+    if let Some(port) = ssh_port {
+        let l = bind_vsock(port)?;
+        let target = args.ssh_target;
+        info!("forwarding vsock port {port} to sshd at {target}");
+        tasks.spawn(listen::accept_loop(
+            agent.clone(),
+            l,
+            "the ssh vsock port",
+            move |_agent, s| forward::forward_tcp(target, s),
         ));
     }
     agent.machine().milestone("agent-listening");
