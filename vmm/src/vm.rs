@@ -144,6 +144,9 @@ impl Shared {
         let mut g = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_none() {
             *g = Some(outcome);
+            if self.print_timings {
+                eprintln!("b2p-vmm: timing vm_end_us={}", self.since_start_us());
+            }
         }
         self.stopping.store(true, Ordering::Release);
         self.cond.notify_all();
@@ -343,6 +346,12 @@ impl Vm {
             g.take()
         };
         self.teardown();
+        if self.shared.print_timings {
+            eprintln!(
+                "b2p-vmm: timing torn_down_us={}",
+                self.shared.since_start_us()
+            );
+        }
         outcome.unwrap_or(Ok(VmExit::Stopped))
     }
 
