@@ -160,6 +160,9 @@ fn agent_over_vhost_user_vsock_under_qemu_tcg() {
     if !image_has_agent(&image) {
         return skip("the guest image was built without b2p-agent");
     }
+    if find_tool("ssh-keygen").is_none() {
+        return skip("ssh-keygen is missing (apt-get install openssh-client)");
+    }
     let scratch = Scratch::new("vsock");
     let dir = scratch.0.clone();
     // The data disk and key of a machine made by `b2p create`: the init

@@ -262,6 +262,9 @@ fn disk_made_by_b2p_create_is_formatted_with_its_key() {
     let Some((kernel, initrd)) = prerequisites() else {
         return;
     };
+    if !have_tool("ssh-keygen") {
+        return skip("ssh-keygen not installed (apt-get install openssh-client)");
+    }
     let _g = boot_lock();
     let dir = tempfile_dir("b2p-create-disk");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_b2p"))

@@ -20,6 +20,15 @@ struct Home {
     dir: TempDir,
 }
 
+/// `b2p create` makes each machine's key with ssh-keygen.
+fn no_ssh_keygen(test: &str) -> bool {
+    if which("ssh-keygen").is_none() {
+        skip(test, "ssh-keygen not found (Debian package openssh-client)");
+        return true;
+    }
+    false
+}
+
 impl Home {
     fn new(test: &str) -> Home {
         Home {
@@ -90,6 +99,9 @@ fn tar_entries(disk: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn create_ls_inspect_env_rm() {
+    if no_ssh_keygen("manager_create") {
+        return;
+    }
     let h = Home::new("manager_create");
     let kernel = write_file(&h.dir, "vmlinuz", b"not booted by this test");
     let k = kernel.display().to_string();
@@ -178,6 +190,9 @@ fn start_status_stop_with_the_probe_guest() {
     let test = "manager_start_stop";
     if let Err(reason) = kvm_usable() {
         return skip(test, &reason);
+    }
+    if no_ssh_keygen(test) {
+        return;
     }
     let vmm = vmm_binary().unwrap_or_else(|e| panic!("{test}: no b2p-vmm binary: {e}"));
     let h = Home::new(test);
@@ -285,6 +300,9 @@ fn start_reports_what_the_vm_refused() {
     let test = "manager_start_error";
     if let Err(reason) = kvm_usable() {
         return skip(test, &reason);
+    }
+    if no_ssh_keygen(test) {
+        return;
     }
     let h = Home::new(test);
     let junk = write_file(&h.dir, "junk", &random_bytes(8192));
