@@ -2,7 +2,8 @@
 //! transport, the event loop (queue eventfd) and the device into a real
 //! file, against plain pread/pwrite of the same sizes and offsets on the
 //! same file. Run: `cargo bench -p b2p-devices --bench blk`
-//! (env B2P_BENCH_DIR picks the directory of the image, default the temp dir).
+//! (env B2P_BENCH_DIR picks the directory of the image, default the temp dir;
+//! B2P_BENCH_ONLY=TEXT runs only the workloads whose name contains TEXT).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -172,7 +173,12 @@ fn main() {
         ("rand read 4 KiB", 4096, false, true),
         ("rand write 4 KiB", 4096, true, true),
     ];
+    // B2P_BENCH_ONLY=text runs the workloads whose name contains it (profiling).
+    let only = std::env::var("B2P_BENCH_ONLY").unwrap_or_default();
     for (name, req, write, random) in cases {
+        if !name.contains(only.as_str()) {
+            continue;
+        }
         let n = if random {
             if quick {
                 2_000
