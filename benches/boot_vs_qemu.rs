@@ -16,12 +16,15 @@
 //! devices beyond the serial console. Rounds are interleaved (each round
 //! runs every peer once) so machine noise spreads over all of them.
 //!
-//! The boot2podman image itself cannot be timed here: an unmodified Linux
-//! never reaches userspace on this workplace's PVM KVM (DESIGN.md §8).
+//! With B2P_BENCH_IMAGE=1 (VMX/SVM hosts; refused on PVM) the guest is the
+//! boot2podman image from RAM instead, 2 GiB and 2 vCPUs, timed to its
+//! `b2p: userspace ready` line (`b2p.check=disk` then powers it off), with
+//! the bzImage under every monitor: DESIGN.md §9's image ratios.
 //!
-//! Env: B2P_BENCH_RUNS (default 20), B2P_BENCH_Q35_RUNS (default 5: SeaBIOS
-//! takes seconds here), B2P_VMM (binary), B2P_QEMU (default
-//! qemu-system-x86_64), B2P_QEMU_CPU (a `-cpu` model; default QEMU's own).
+//! Env: B2P_BENCH_RUNS (default 20, 10 for the image), B2P_BENCH_Q35_RUNS
+//! (default 5: SeaBIOS takes seconds here), B2P_VMM (binary), B2P_QEMU
+//! (default qemu-system-x86_64), B2P_QEMU_CPU (a `-cpu` model; default
+//! QEMU's own).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -33,26 +36,42 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const GUEST_MIB: u64 = 512;
-const MARKER: &[u8] = b"probe: hello";
-const LIMIT: Duration = Duration::from_secs(60);
+const PROBE_MARKER: &str = "probe: hello";
+const IMAGE_MARKER: &str = "b2p: userspace ready";
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// What both monitors boot, and the console line that times it.
+struct Guest {
+    what: String,
+    /// For b2p-vmm (and, for the image, QEMU too).
+    bzimage: PathBuf,
+    /// The probe's PVH ELF, for QEMU and a second b2p-vmm peer.
+    elf: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+    marker: String,
+    memory_mib: u64,
+    cpus: u32,
+}
 
 /// One monitor configuration under test.
 struct Peer {
     name: String,
     program: PathBuf,
     args: Vec<String>,
+    marker: Vec<u8>,
     runs: usize,
     marker_us: Vec<u64>,
     exit_us: Vec<u64>,
 }
 
 impl Peer {
-    fn new(name: &str, program: &Path, args: Vec<String>, runs: usize) -> Peer {
+    fn new(name: &str, program: &Path, args: Vec<String>, marker: &str, runs: usize) -> Peer {
         Peer {
             name: name.into(),
             program: program.to_path_buf(),
             args,
+            marker: marker.as_bytes().to_vec(),
             runs,
             marker_us: Vec::new(),
             exit_us: Vec::new(),
@@ -73,6 +92,7 @@ impl Peer {
         let mut stdout = child.stdout.take().ok_or("no stdout pipe")?;
         let mut stderr = child.stderr.take().ok_or("no stderr pipe")?;
         let (tx, rx) = mpsc::channel();
+        let marker = self.marker.clone();
         let reader = std::thread::spawn(move || {
             let mut seen = Vec::new();
             let mut buf = [0u8; 4096];
@@ -82,7 +102,7 @@ impl Peer {
                     break;
                 }
                 seen.extend_from_slice(&buf[..n]);
-                if !sent && seen.windows(MARKER.len()).any(|w| w == MARKER) {
+                if !sent && seen.windows(marker.len()).any(|w| w == marker.as_slice()) {
                     sent = true;
                     let _ = tx.send(Instant::now());
                 }
@@ -113,7 +133,7 @@ impl Peer {
             format!(
                 "{}: no {:?} on the console (status {status:?})\n--- console ---\n{}\n--- stderr ---\n{errors}",
                 self.name,
-                String::from_utf8_lossy(MARKER),
+                String::from_utf8_lossy(&self.marker),
                 String::from_utf8_lossy(&console)
             )
         })?;
@@ -158,52 +178,94 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn qemu_args(machine: &str, kernel: &Path, cmdline: &str) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-M",
-        machine,
-        "-accel",
-        "kvm",
-        "-m",
-        &GUEST_MIB.to_string(),
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+fn qemu_args(machine: &str, kernel: &Path, g: &Guest) -> Vec<String> {
+    let mut args: Vec<String> = ["-M", machine, "-accel", "kvm", "-m"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(g.memory_mib.to_string());
+    args.extend(["-smp".to_string(), g.cpus.to_string()]);
+    args.extend(
+        [
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-kernel",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     args.push(kernel.display().to_string());
-    args.extend(["-append".to_string(), cmdline.to_string()]);
+    if let Some(i) = &g.initrd {
+        args.extend(["-initrd".to_string(), i.display().to_string()]);
+    }
+    args.extend(["-append".to_string(), g.cmdline.clone()]);
     if let Some(cpu) = std::env::var("B2P_QEMU_CPU").ok().filter(|c| !c.is_empty()) {
         args.extend(["-cpu".to_string(), cpu]);
     }
     args
 }
 
-fn vmm_args(kernel: &Path, cmdline: &str) -> Vec<String> {
-    [
-        "run",
-        "--kernel",
-        &kernel.display().to_string(),
-        "--cmdline",
-        cmdline,
-        "--memory",
-        &GUEST_MIB.to_string(),
-        "--cpus",
-        "1",
-        "--console",
-        "stdio",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+fn vmm_args(kernel: &Path, g: &Guest) -> Vec<String> {
+    let mut args: Vec<String> = ["run", "--kernel", &kernel.display().to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if let Some(i) = &g.initrd {
+        args.extend(["--initrd".to_string(), i.display().to_string()]);
+    }
+    args.extend(["--cmdline".to_string(), g.cmdline.clone()]);
+    args.extend(["--memory".to_string(), g.memory_mib.to_string()]);
+    args.extend(["--cpus".to_string(), g.cpus.to_string()]);
+    args.extend(["--console".to_string(), "stdio".to_string()]);
+    args
+}
+
+/// Why this host cannot boot an unmodified Linux under KVM in reasonable
+/// time (PVM, DESIGN.md §8), if it cannot.
+fn pvm_host() -> Option<&'static str> {
+    // kvm_pvm built in shows only under /sys/module, a module also in /proc/modules.
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    (Path::new("/sys/module/kvm_pvm").exists()
+        || modules.lines().any(|l| l.starts_with("kvm_pvm ")))
+    .then_some("/dev/kvm is PVM (kvm_pvm): an unmodified Linux never reaches userspace here (DESIGN.md §8); run B2P_BENCH_IMAGE=1 on a VMX/SVM host")
+}
+
+/// The probe (default), or with B2P_BENCH_IMAGE=1 the guest image booted
+/// from RAM to "b2p: userspace ready" (then its init powers off).
+fn guest(dir: &TempDir) -> Result<Guest, String> {
+    if std::env::var("B2P_BENCH_IMAGE").is_ok_and(|v| v == "1") {
+        if let Some(reason) = pvm_host() {
+            return Err(reason.into());
+        }
+        let (kernel, initrd) = b2p_vmm::image::default_image(None).map_err(|e| e.to_string())?;
+        return Ok(Guest {
+            what: format!("the guest image ({})", initrd.display()),
+            bzimage: kernel,
+            elf: None,
+            initrd: Some(initrd),
+            // b2p.check=disk: the init prints its check line and powers off.
+            cmdline: "console=ttyS0 panic=-1 b2p.ip=off b2p.check=disk".into(),
+            marker: IMAGE_MARKER.into(),
+            memory_mib: 2048,
+            cpus: 2,
+        });
+    }
+    let elf = dir.join("probe.elf");
+    std::fs::copy(b2p_probe::ELF, &elf).map_err(|e| format!("copying the probe ELF: {e}"))?;
+    Ok(Guest {
+        what: "the probe guest".into(),
+        bzimage: probe_kernel(dir),
+        elf: Some(elf),
+        initrd: None,
+        cmdline: "console=ttyS0 probe.quick=1".into(),
+        marker: PROBE_MARKER.into(),
+        memory_mib: 512,
+        cpus: 1,
+    })
 }
 
 fn main() {
@@ -229,43 +291,51 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let runs = env_usize("B2P_BENCH_RUNS", 20).max(1);
-    let q35_runs = env_usize("B2P_BENCH_Q35_RUNS", 5);
     let dir = TempDir::new("bench-boot-vs-qemu");
-    let bzimage = probe_kernel(&dir);
-    let elf = dir.join("probe.elf");
-    if let Err(e) = std::fs::copy(b2p_probe::ELF, &elf) {
-        eprintln!("bench boot_vs_qemu: cannot copy the probe ELF: {e}");
-        std::process::exit(1);
-    }
-    let cmdline = "console=ttyS0 probe.quick=1";
-
-    let mut peers = vec![
-        Peer::new(
-            "b2p-vmm, bzImage (64-bit entry)",
-            &vmm,
-            vmm_args(&bzimage, cmdline),
-            runs,
-        ),
-        Peer::new(
-            "b2p-vmm, ELF (PVH entry)",
-            &vmm,
-            vmm_args(&elf, cmdline),
-            runs,
-        ),
-        Peer::new(
-            "QEMU -M microvm,acpi=on, ELF (PVH)",
-            &qemu,
-            qemu_args("microvm,acpi=on", &elf, cmdline),
-            runs,
-        ),
-        Peer::new(
-            "QEMU -M q35 (SeaBIOS), ELF (PVH)",
-            &qemu,
-            qemu_args("q35", &elf, cmdline),
-            q35_runs,
-        ),
-    ];
+    let g = match guest(&dir) {
+        Ok(g) => g,
+        Err(reason) => return skip("bench boot_vs_qemu", &reason),
+    };
+    let image = g.elf.is_none();
+    let runs = env_usize("B2P_BENCH_RUNS", if image { 10 } else { 20 }).max(1);
+    let q35_runs = env_usize("B2P_BENCH_Q35_RUNS", 5);
+    let m = g.marker.as_str();
+    let mut peers = vec![Peer::new(
+        "b2p-vmm, bzImage (64-bit entry)",
+        &vmm,
+        vmm_args(&g.bzimage, &g),
+        m,
+        runs,
+    )];
+    // QEMU boots the probe through PVH (its bzImage loader takes the 32-bit
+    // entry, which the probe lacks) and Linux as the bzImage.
+    let (qemu_kernel, how) = match &g.elf {
+        Some(elf) => {
+            peers.push(Peer::new(
+                "b2p-vmm, ELF (PVH entry)",
+                &vmm,
+                vmm_args(elf, &g),
+                m,
+                runs,
+            ));
+            (elf.clone(), "ELF (PVH)")
+        }
+        None => (g.bzimage.clone(), "bzImage"),
+    };
+    peers.push(Peer::new(
+        &format!("QEMU -M microvm,acpi=on, {how}"),
+        &qemu,
+        qemu_args("microvm,acpi=on", &qemu_kernel, &g),
+        m,
+        runs,
+    ));
+    peers.push(Peer::new(
+        &format!("QEMU -M q35 (SeaBIOS), {how}"),
+        &qemu,
+        qemu_args("q35", &qemu_kernel, &g),
+        m,
+        q35_runs,
+    ));
     peers.retain(|p| p.runs > 0);
 
     // One warm-up boot each (page cache, binaries, QEMU's firmware files).
@@ -309,7 +379,8 @@ fn main() {
     let b2p_exit = median(&peers[0].exit_us);
     println!();
     println!(
-        "### Probe guest boot, b2p-vmm vs QEMU ({GUEST_MIB} MiB, 1 vCPU, -accel kvm; {version})"
+        "### Boot of {}, b2p-vmm vs QEMU ({} MiB, {} vCPU, -accel kvm, marker {:?}; {version})",
+        g.what, g.memory_mib, g.cpus, g.marker
     );
     println!();
     println!("| monitor | runs | spawn → console marker, min / median / max | spawn → exit (poweroff), min / median / max | b2p-vmm (bzImage) / this, median marker · exit |");

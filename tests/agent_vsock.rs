@@ -464,8 +464,11 @@ fn full_boot_blocker() -> Option<String> {
     if !Path::new("/dev/kvm").exists() {
         return Some("no /dev/kvm".into());
     }
+    // kvm_pvm built in shows only under /sys/module, a module also in /proc/modules.
     let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
-    if modules.lines().any(|l| l.starts_with("kvm_pvm ")) {
+    if Path::new("/sys/module/kvm_pvm").exists()
+        || modules.lines().any(|l| l.starts_with("kvm_pvm "))
+    {
         return Some("/dev/kvm is PVM (kvm_pvm): Linux guests run ~100x slower and stop on instructions its emulator lacks (DESIGN.md §8)".into());
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
