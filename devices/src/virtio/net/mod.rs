@@ -13,6 +13,8 @@ pub mod device;
 pub mod event_handler;
 pub mod tap;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod netns;
 #[cfg(test)]
 mod tests;
 
