@@ -77,6 +77,12 @@ impl Drop for NetNs {
     }
 }
 
+impl AsRawFd for Packet {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 /// An AF_PACKET socket bound to the TAP (created in the current netns).
 pub struct Packet {
     fd: OwnedFd,
@@ -186,4 +192,3 @@ pub fn in_netns(mtu: u32, f: impl FnOnce() + Send + 'static) {
         std::panic::resume_unwind(e);
     }
 }
-
