@@ -93,9 +93,9 @@ fn count_frames(pkt: Packet, stop: Arc<AtomicBool>) -> (u64, u64, Instant) {
     }
 }
 
-/// Guest → TAP through the device.
-fn tx_device(len: usize, frames: usize) -> (u64, u64, Duration) {
-    let mut g = Guest::new();
+/// Counts our frames arriving on the TAP while `send` runs with the
+/// virtio-net header and frame bytes; what arrived, and how long it took.
+fn tx_run(len: usize, send: impl FnOnce(&mut [u8])) -> (u64, u64, Duration) {
     let pkt = Packet::open(TAP);
     let stop = Arc::new(AtomicBool::new(false));
     let rx = {
@@ -104,49 +104,47 @@ fn tx_device(len: usize, frames: usize) -> (u64, u64, Duration) {
     };
     let mut chain = vec![0u8; VNET_HDR_LEN];
     chain.extend_from_slice(&frame(len));
-    let bufs: Vec<GuestAddress> = (0..BATCH).map(|_| g.d.buf_with(&chain)).collect();
     let start = Instant::now();
-    let mut sent = 0;
-    while sent < frames {
-        let n = BATCH.min(frames - sent);
-        for b in &bufs[..n] {
-            g.d.add_chain(TXQ as u16, &[Seg::ro(*b, chain.len() as u32)]);
-        }
-        g.d.notify(TXQ as u16);
-        let mut done = 0;
-        while done < n {
-            g.em.run_with_timeout(1000).unwrap();
-            done += g.d.used(TXQ as u16).len();
-        }
-        sent += n;
-    }
+    send(&mut chain);
     stop.store(true, Ordering::Release);
     let (got, bytes, last) = rx.join().unwrap();
     (got, bytes, last.duration_since(start))
 }
 
+/// Guest → TAP through the device.
+fn tx_device(len: usize, frames: usize) -> (u64, u64, Duration) {
+    let mut g = Guest::new();
+    tx_run(len, |chain| {
+        let bufs: Vec<GuestAddress> = (0..BATCH).map(|_| g.d.buf_with(chain)).collect();
+        let mut sent = 0;
+        while sent < frames {
+            let n = BATCH.min(frames - sent);
+            for b in &bufs[..n] {
+                g.d.add_chain(TXQ as u16, &[Seg::ro(*b, chain.len() as u32)]);
+            }
+            g.d.notify(TXQ as u16);
+            let mut done = 0;
+            while done < n {
+                g.em.run_with_timeout(1000).unwrap();
+                done += g.d.used(TXQ as u16).len();
+            }
+            sent += n;
+        }
+    })
+}
+
 /// The ceiling: writev of the same frames straight to the TAP.
 fn tx_plain(len: usize, frames: usize) -> (u64, u64, Duration) {
     let tap = Tap::open(TAP).expect("opening the TAP");
-    let pkt = Packet::open(TAP);
-    let stop = Arc::new(AtomicBool::new(false));
-    let rx = {
-        let stop = stop.clone();
-        std::thread::spawn(move || count_frames(pkt, stop))
-    };
-    let mut chain = vec![0u8; VNET_HDR_LEN];
-    chain.extend_from_slice(&frame(len));
-    let iov = [libc::iovec {
-        iov_base: chain.as_mut_ptr() as *mut libc::c_void,
-        iov_len: chain.len(),
-    }];
-    let start = Instant::now();
-    for _ in 0..frames {
-        let _ = tap.writev(&iov);
-    }
-    stop.store(true, Ordering::Release);
-    let (got, bytes, last) = rx.join().unwrap();
-    (got, bytes, last.duration_since(start))
+    tx_run(len, |chain| {
+        let iov = [libc::iovec {
+            iov_base: chain.as_mut_ptr() as *mut libc::c_void,
+            iov_len: chain.len(),
+        }];
+        for _ in 0..frames {
+            let _ = tap.writev(&iov);
+        }
+    })
 }
 
 /// Sends `frames` frames into the TAP from the AF_PACKET side, as fast as
