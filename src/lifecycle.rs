@@ -260,6 +260,45 @@ pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
     }
 }
 
+/// Waits until the guest's agent answers varlink (org.varlink.service
+/// GetInfo on the machine's io.podman socket); how long that took. Fails
+/// when the VM ends first or `limit` passes (the VM is left running).
+pub fn wait_for_agent(m: &Machine, limit: Duration) -> Result<Duration> {
+    let begin = Instant::now();
+    let addr = varlink::Address::Unix(m.varlink_path());
+    loop {
+        if let Ok(mut conn) = varlink::Connection::connect(&addr, Some(Duration::from_secs(2))) {
+            let asked = conn.call(
+                "org.varlink.service.GetInfo",
+                &serde_json::json!({}),
+                false,
+                |_| {},
+            );
+            if asked.is_ok() {
+                return Ok(begin.elapsed());
+            }
+        }
+        if m.state() == State::Stopped {
+            bail!(
+                "the VM of machine {} ended before its agent answered (see {} and {})",
+                m.name,
+                m.console_log_path().display(),
+                m.vmm_log_path().display()
+            );
+        }
+        if begin.elapsed() > limit {
+            bail!(
+                "machine {} is running but its agent did not answer within {} s (see {}; b2p stop {})",
+                m.name,
+                limit.as_secs(),
+                m.console_log_path().display(),
+                m.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The body of `b2p __run-vm NAME`: runs the machine's VM in this process
 /// until the guest shuts down or SIGTERM/SIGINT arrives.
 pub fn run_vm(m: &Machine) -> Result<()> {
@@ -393,4 +432,89 @@ pub fn ssh(m: &Machine, args: &[String]) -> Result<()> {
 /// `s` in single quotes for sh.
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+
+    fn scratch(tag: &str) -> Machine {
+        let dir = std::env::temp_dir().join(format!("b2p-lifecycle-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Machine {
+            name: "t".into(),
+            dir,
+        }
+    }
+
+    /// A stand-in VM process: its command line reads `… __run-vm t`, and
+    /// the pid file names it, so the machine reads Running.
+    fn fake_vm_process(m: &Machine) -> std::process::Child {
+        let child = Command::new("sh")
+            .args(["-c", "sleep 30; :", RUN_VM, &m.name])
+            .spawn()
+            .unwrap();
+        std::fs::write(m.pid_path(), child.id().to_string()).unwrap();
+        // Until it has exec'd, /proc shows the test's own command line.
+        let begin = Instant::now();
+        while m.state() != State::Running(child.id()) {
+            assert!(begin.elapsed() < Duration::from_secs(5), "sh never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child
+    }
+
+    #[test]
+    fn waits_until_the_agent_answers() {
+        let m = scratch("answer");
+        let mut vm = fake_vm_process(&m);
+        let path = m.varlink_path();
+        let t = std::thread::spawn(move || {
+            // Not there at first: the wait retries.
+            std::thread::sleep(Duration::from_millis(200));
+            let l = UnixListener::bind(&path).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            let mut call = Vec::new();
+            let mut b = [0u8; 1];
+            while s.read(&mut b).unwrap() == 1 && b[0] != 0 {
+                call.push(b[0]);
+            }
+            s.write_all(b"{\"parameters\":{\"vendor\":\"b2p\"}}\0")
+                .unwrap();
+            String::from_utf8(call).unwrap()
+        });
+        let took = wait_for_agent(&m, Duration::from_secs(10)).unwrap();
+        assert!(took >= Duration::from_millis(150), "{took:?}");
+        assert!(t.join().unwrap().contains("org.varlink.service.GetInfo"));
+        let _ = vm.kill();
+        let _ = vm.wait();
+        let _ = std::fs::remove_dir_all(&m.dir);
+    }
+
+    #[test]
+    fn a_silent_agent_times_out() {
+        let m = scratch("silent");
+        let mut vm = fake_vm_process(&m);
+        let begin = Instant::now();
+        let e = wait_for_agent(&m, Duration::from_millis(300)).unwrap_err();
+        assert!(e.to_string().contains("did not answer within"), "{e}");
+        assert!(begin.elapsed() < Duration::from_secs(5));
+        let _ = vm.kill();
+        let _ = vm.wait();
+        let _ = std::fs::remove_dir_all(&m.dir);
+    }
+
+    #[test]
+    fn a_stopped_vm_ends_the_wait() {
+        let m = scratch("stopped");
+        let e = wait_for_agent(&m, Duration::from_secs(10)).unwrap_err();
+        assert!(
+            e.to_string().contains("ended before its agent answered"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&m.dir);
+    }
 }

@@ -41,7 +41,15 @@ enum Command {
         options: CreateOptions,
     },
     /// Start a machine's VM in the background.
-    Start { name: String },
+    Start {
+        name: String,
+        /// Seconds to wait for the guest's agent to answer varlink
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Return as soon as the VM runs, without waiting for the agent
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Stop a machine: the guest shuts down, else its VM is stopped.
     Stop {
         name: String,
@@ -205,13 +213,21 @@ fn run(command: Command) -> Result<ExitCode> {
             println!("Machine {name} created in {}", m.dir.display());
             println!("Start it with: b2p start {name}");
         }
-        Command::Start { name } => {
+        Command::Start {
+            name,
+            timeout,
+            no_wait,
+        } => {
             let m = Machine::existing(&name)?;
             let pid = lifecycle::start(&m, Duration::from_secs(30))?;
             println!(
                 "Machine {name} started (pid {pid}); console: {}",
                 m.console_log_path().display()
             );
+            if !no_wait {
+                let took = lifecycle::wait_for_agent(&m, Duration::from_secs(timeout))?;
+                println!("Its agent answered after {:.2} s", took.as_secs_f64());
+            }
             println!("Point podman at it with: eval $(b2p env {name})");
         }
         Command::Stop { name, timeout } => {

@@ -212,8 +212,20 @@ fn start_status_stop_with_the_probe_guest() {
         "probe.hold_ms=120000",
     ]);
     let dir = h.machine_dir("vm1");
-    let out = h.ok(&["start", "vm1"]);
-    assert!(out.contains("Machine vm1 started"), "{out}");
+    // start waits for the guest's agent; the probe has none: after the
+    // timeout it says so, and the VM is left running.
+    let out = h.b2p(&["start", "vm1", "--timeout", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe());
+    assert!(
+        out.stdout.contains("Machine vm1 started"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("agent did not answer within 2 s"),
+        "{}",
+        out.describe()
+    );
     assert_eq!(h.ok(&["status", "vm1"]).trim(), "Running");
     let inspect: serde_json::Value = serde_json::from_str(&h.ok(&["inspect", "vm1"])).unwrap();
     let pid = inspect["pid"].as_u64().expect("no pid while running");
@@ -288,8 +300,8 @@ fn start_status_stop_with_the_probe_guest() {
     assert!(log.contains("VM ended: stopped"), "{log}");
     assert!(h.ok(&["stop", "vm1"]).contains("not running"));
 
-    // Started again, then removed with --force.
-    h.ok(&["start", "vm1"]);
+    // Started again (not waiting for an agent), then removed with --force.
+    assert!(h.ok(&["start", "vm1", "--no-wait"]).contains("started"));
     assert_eq!(h.ok(&["status", "vm1"]).trim(), "Running");
     h.ok(&["rm", "--force", "vm1"]);
     assert!(!dir.exists());
