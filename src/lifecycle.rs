@@ -1,7 +1,8 @@
 //! A machine's life: `create` (directory, SSH key, format-me data disk,
 //! config.json), `start` (a detached VM process, `b2p __run-vm NAME`, that
 //! embeds the monitor), `stop` (the guest's own shutdown over varlink,
-//! then SIGTERM to the VM process, then SIGKILL), `rm`.
+//! then SIGTERM to the VM process, then SIGKILL), waiting for the guest's
+//! agent, `rm`.
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
@@ -384,54 +385,6 @@ pub fn remove(m: &Machine, force: bool) -> Result<()> {
         stop(m, Duration::from_secs(10))?;
     }
     std::fs::remove_dir_all(&m.dir).with_context(|| format!("removing {}", m.dir.display()))
-}
-
-/// `ssh` into the machine as boot2podman's user `tc` with its own key;
-/// replaces this process. Over the machine's static address when it has
-/// one, else over vsock port 22 (the agent joins it to sshd), which needs
-/// no network at all.
-pub fn ssh(m: &Machine, args: &[String]) -> Result<()> {
-    let config = m.load()?;
-    if m.state() == State::Stopped {
-        bail!("machine {} is not running (b2p start {})", m.name, m.name);
-    }
-    let mut cmd = Command::new("ssh");
-    cmd.arg("-i")
-        .arg(m.key_path())
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            m.known_hosts_path().display()
-        ))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=accept-new",
-            "-o",
-            "IdentitiesOnly=yes",
-        ]);
-    match config.ip.as_deref() {
-        Some(ip) => {
-            cmd.arg(format!("tc@{}", ip.split('/').next().unwrap_or(ip)));
-        }
-        None => {
-            let exe = std::env::current_exe().context("locating the b2p binary")?;
-            // ssh runs ProxyCommand through a shell: quote the paths.
-            cmd.arg("-o").arg(format!(
-                "ProxyCommand={} {} {} 22",
-                shell_quote(&exe.display().to_string()),
-                crate::vsock::PROXY,
-                shell_quote(&m.vsock_path().display().to_string())
-            ));
-            cmd.arg(format!("tc@b2p-{}", m.name));
-        }
-    }
-    let err = cmd.args(args).exec();
-    Err(err).context("running ssh (Debian package openssh-client)")
-}
-
-/// `s` in single quotes for sh.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 mod lifecycle;
 mod machine;
+mod ssh;
 mod userdata;
 mod varlink;
 mod vsock;
@@ -257,7 +258,7 @@ fn run(command: Command) -> Result<ExitCode> {
             };
             println!("{}", ip.split('/').next().unwrap_or(&ip));
         }
-        Command::Ssh { name, command } => lifecycle::ssh(&Machine::existing(&name)?, &command)?,
+        Command::Ssh { name, command } => ssh::ssh(&Machine::existing(&name)?, &command)?,
         Command::Rm { name, force } => {
             lifecycle::remove(&Machine::existing(&name)?, force)?;
             println!("Machine {name} removed");
