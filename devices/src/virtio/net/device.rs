@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend::NetBackend;
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::{
     random_mac, MacAddr, NetConfig, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RXQ, TXQ, VNET_HDR_LEN,
@@ -65,7 +66,8 @@ pub(super) struct Active {
 /// The net device. Build it with [`Net::new`], wrap it in an
 /// `MmioTransport`, and register it with the event loop.
 pub struct Net {
-    pub(super) tap: Tap,
+    /// The host end: the TAP in a VM.
+    pub(super) tap: Box<dyn NetBackend>,
     mac: MacAddr,
     pub(super) active: Option<Active>,
     pub(super) activate_evt: EventFd,
@@ -141,9 +143,15 @@ impl Net {
     /// locally administered address.
     pub fn new(cfg: NetConfig) -> Result<Net, NetError> {
         let tap = Tap::open(&cfg.tap)?;
+        Net::with_backend(Box::new(tap), cfg.mac)
+    }
+
+    /// A device on any [`NetBackend`] (tests and fuzzing use a
+    /// [`super::SeqPacketBackend`]).
+    pub fn with_backend(tap: Box<dyn NetBackend>, mac: Option<MacAddr>) -> Result<Net, NetError> {
         Ok(Net {
             tap,
-            mac: cfg.mac.unwrap_or_else(random_mac),
+            mac: mac.unwrap_or_else(random_mac),
             active: None,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             queue_evts: Vec::new(),

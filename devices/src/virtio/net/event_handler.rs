@@ -30,7 +30,7 @@ impl Net {
         if want == self.tap_watched {
             return;
         }
-        let ev = Events::with_data(&self.tap, DATA_TAP, EventSet::IN);
+        let ev = Events::with_data_raw(self.tap.as_raw_fd(), DATA_TAP, EventSet::IN);
         let r = if want { ops.add(ev) } else { ops.remove(ev) };
         match r {
             Ok(()) => self.tap_watched = want,

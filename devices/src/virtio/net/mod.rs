@@ -2,6 +2,8 @@
 //!
 //! - [`tap`]: attaching to an existing persistent TAP through
 //!   `/dev/net/tun` with `IFF_VNET_HDR`, and setting its offloads.
+//! - [`backend`]: what the device needs of its host end (the TAP, or a
+//!   SOCK_SEQPACKET socket for tests and fuzzing).
 //! - [`device`]: the `VirtioDevice`: features, config space (MAC, link
 //!   status), TX (guest frames written to the TAP straight from guest
 //!   memory with `writev`) and RX (frames read from the TAP into guest
@@ -9,6 +11,7 @@
 //! - [`event_handler`]: the event-loop glue; the TAP is polled only while
 //!   the guest has RX buffers.
 
+pub mod backend;
 pub mod device;
 pub mod event_handler;
 pub mod tap;
@@ -18,6 +21,7 @@ pub mod netns;
 #[cfg(test)]
 mod tests;
 
+pub use backend::{NetBackend, SeqPacketBackend};
 pub use device::Net;
 pub use tap::Tap;
 
