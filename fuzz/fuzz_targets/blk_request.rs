@@ -4,12 +4,16 @@
 //! touch memory outside the guest.
 #![no_main]
 
+#[path = "../common/input.rs"]
+mod input;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use b2p_devices::virtio::block::{Block, BlockConfig};
 use b2p_devices::virtio::mmio::MmioTransport;
 use b2p_devices::virtio::testing::{guest_memory, Arena, RawDesc, TestDriver};
+use input::In;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -27,29 +31,6 @@ fn image() -> &'static PathBuf {
         f.set_len(1 << 20).unwrap();
         p
     })
-}
-
-struct In<'a>(&'a [u8]);
-impl In<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut b = [0u8; N];
-        let n = N.min(self.0.len());
-        b[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        b
-    }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
-    }
 }
 
 fuzz_target!(|data: &[u8]| {

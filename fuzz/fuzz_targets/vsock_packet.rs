@@ -6,6 +6,9 @@
 //! device must never panic or touch memory outside the guest.
 #![no_main]
 
+#[path = "../common/input.rs"]
+mod input;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -16,6 +19,7 @@ use b2p_devices::virtio::mmio::MmioTransport;
 use b2p_devices::virtio::testing::{guest_memory, Arena, RawDesc, Seg, TestDriver};
 use b2p_devices::virtio::vsock::packet::{Hdr, HDR_SIZE};
 use b2p_devices::virtio::vsock::{Vsock, VsockConfig, RXQ, TXQ};
+use input::In;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -43,35 +47,6 @@ fn env() -> &'static Env {
         host.set_nonblocking(true).unwrap();
         Env { dir, host }
     })
-}
-
-struct In<'a>(&'a [u8]);
-impl In<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut b = [0u8; N];
-        let n = N.min(self.0.len());
-        b[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        b
-    }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
-    }
-    fn bytes(&mut self, n: usize) -> &[u8] {
-        let n = n.min(self.0.len());
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        a
-    }
 }
 
 struct Guest {
