@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use b2p_devices::virtio::block::{Block, BlockConfig};
 use b2p_devices::virtio::mmio::MmioTransport;
-use b2p_devices::virtio::testing::{guest_memory, Arena, RawDesc, TestDriver};
-use input::In;
+use b2p_devices::virtio::testing::{guest_memory, Arena, TestDriver};
+use input::{DataArea, In};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -52,36 +52,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     // Descriptors: small addresses land in the data area, others are raw.
-    for i in 0..QSIZE {
-        let kind = inp.u8();
-        let addr = if kind & 0x80 == 0 {
-            DATA + u64::from(inp.u16()) % DATA_LEN as u64
-        } else {
-            inp.u64()
-        };
-        let len = if kind & 0x40 == 0 {
-            u32::from(inp.u16() % 0x1000)
-        } else {
-            inp.u32()
-        };
-        let flags = u16::from(kind & 0x07);
-        let next = u16::from(inp.u8()) % (QSIZE + 2);
-        d.write_raw_desc(
-            0,
-            i,
-            RawDesc {
-                addr,
-                len,
-                flags,
-                next,
-            },
-        );
-    }
-    let heads = inp.u8() % (QSIZE as u8 + 4);
-    let mut ring = Vec::new();
-    for _ in 0..heads {
-        ring.push(u16::from(inp.u8()) % (QSIZE + 2));
-    }
+    let area = DataArea {
+        start: DATA,
+        len: DATA_LEN,
+        max_desc_len: 0x1000,
+    };
+    inp.descriptors(&mut d, 0, QSIZE, &area);
+    let ring = inp.ring(QSIZE);
     // The rest fills the data area (headers, segment lists, indirect tables).
     let n = inp.0.len().min(DATA_LEN);
     mem.write_slice(&inp.0[..n], GuestAddress(DATA)).unwrap();

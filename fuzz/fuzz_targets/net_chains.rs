@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use b2p_devices::virtio::mmio::MmioTransport;
 use b2p_devices::virtio::net::{Net, SeqPacketBackend, RXQ, TXQ};
-use b2p_devices::virtio::testing::{guest_memory, Arena, RawDesc, TestDriver};
-use input::In;
+use b2p_devices::virtio::testing::{guest_memory, Arena, TestDriver};
+use input::{DataArea, In};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -40,39 +40,15 @@ fuzz_target!(|data: &[u8]| {
     if d.init(features, QSIZE).is_err() {
         return;
     }
+    let area = DataArea {
+        start: DATA,
+        len: DATA_LEN,
+        max_desc_len: 0x2000,
+    };
     for q in [RXQ as u16, TXQ as u16] {
-        for i in 0..QSIZE {
-            let kind = inp.u8();
-            let addr = if kind & 0x80 == 0 {
-                DATA + u64::from(inp.u16()) % DATA_LEN as u64
-            } else {
-                inp.u64()
-            };
-            let len = if kind & 0x40 == 0 {
-                u32::from(inp.u16() % 0x2000)
-            } else {
-                inp.u32()
-            };
-            let flags = u16::from(kind & 0x07);
-            let next = u16::from(inp.u8()) % (QSIZE + 2);
-            d.write_raw_desc(
-                q,
-                i,
-                RawDesc {
-                    addr,
-                    len,
-                    flags,
-                    next,
-                },
-            );
-        }
+        inp.descriptors(&mut d, q, QSIZE, &area);
     }
-    let mut rings = [Vec::new(), Vec::new()];
-    for ring in &mut rings {
-        for _ in 0..inp.u8() % (QSIZE as u8 + 4) {
-            ring.push(u16::from(inp.u8()) % (QSIZE + 2));
-        }
-    }
+    let rings = [inp.ring(QSIZE), inp.ring(QSIZE)];
     // Frames from the host side: any length, a runt included.
     let frames = inp.u8() % 4;
     for _ in 0..frames {
