@@ -152,10 +152,7 @@ pub fn parse_args<P: clap::Parser>(prog: &str, help: &str) -> Result<P, ExitCode
             if detail.is_empty() {
                 eprintln!("{prog}: error: {line} (see {help})");
             } else {
-                eprintln!(
-                    "{prog}: error: {line} {} (see {prog} --help)",
-                    detail.join(" ")
-                );
+                eprintln!("{prog}: error: {line} {} (see {help})", detail.join(" "));
             }
             Err(ExitCode::from(2))
         }
