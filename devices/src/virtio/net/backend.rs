@@ -8,6 +8,7 @@
 use std::io;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use super::tap::{iov_count, retry_eintr};
 use super::NetError;
 
 /// A frame-preserving, non-blocking host end of a virtio-net device.
@@ -71,29 +72,17 @@ impl AsRawFd for SeqPacketBackend {
     }
 }
 
-fn result(r: isize) -> io::Result<usize> {
-    usize::try_from(r).map_err(|_| io::Error::last_os_error())
-}
-
 impl NetBackend for SeqPacketBackend {
     fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: every iovec points at memory valid for writes of its length.
-        result(unsafe {
-            libc::readv(
-                self.fd.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len().min(1024) as i32,
-            )
+        retry_eintr(|| {
+            // SAFETY: every iovec points at memory valid for writes of its length.
+            unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov_count(iov)) }
         })
     }
     fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: every iovec points at memory valid for reads of its length.
-        result(unsafe {
-            libc::writev(
-                self.fd.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len().min(1024) as i32,
-            )
+        retry_eintr(|| {
+            // SAFETY: every iovec points at memory valid for reads of its length.
+            unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov_count(iov)) }
         })
     }
     fn set_offload(&self, _flags: u32) -> Result<(), NetError> {

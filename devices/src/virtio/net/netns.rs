@@ -77,12 +77,6 @@ impl Drop for NetNs {
     }
 }
 
-impl AsRawFd for Packet {
-    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
 /// An AF_PACKET socket bound to the TAP (created in the current netns).
 pub struct Packet {
     fd: OwnedFd,
@@ -172,6 +166,12 @@ impl Packet {
             }
         }
         None
+    }
+}
+
+impl AsRawFd for Packet {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

@@ -153,13 +153,13 @@ impl AsRawFd for Tap {
 }
 
 /// The iovec count for readv/writev: at most IOV_MAX (1024) entries.
-fn iov_count(iov: &[libc::iovec]) -> libc::c_int {
+pub(super) fn iov_count(iov: &[libc::iovec]) -> libc::c_int {
     // At most 1024, which fits a c_int.
     iov.len().min(1024) as libc::c_int
 }
 
 /// Runs a syscall returning a byte count, again while it fails with EINTR.
-fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+pub(super) fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
         let r = call();
         if let Ok(n) = usize::try_from(r) {
