@@ -82,11 +82,15 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
     if config.disk_size_mib < 64 {
         bail!("--disk-size must be at least 64 MiB");
     }
-    if config.gateway.is_some() && config.ip.is_none() {
-        bail!("--gateway needs --ip");
-    }
+    // (clap makes --ip need --tap, and --gateway need --ip.)
     if let Some(ip) = &config.ip {
         check_cidr(ip)?;
+    }
+    if let Some(gw) = &config.gateway {
+        // It lands on the kernel command line: an address and nothing else.
+        if gw.parse::<std::net::Ipv4Addr>().is_err() {
+            bail!("--gateway {gw:?}: expected an IPv4 address such as 192.168.127.1");
+        }
     }
     // Everything the VM will be given must make sense now, not at start.
     vm_config(m, &config, false)?
@@ -266,18 +270,9 @@ pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
 /// when the VM ends first or `limit` passes (the VM is left running).
 pub fn wait_for_agent(m: &Machine, limit: Duration) -> Result<Duration> {
     let begin = Instant::now();
-    let addr = varlink::Address::Unix(m.varlink_path());
     loop {
-        if let Ok(mut conn) = varlink::Connection::connect(&addr, Some(Duration::from_secs(2))) {
-            let asked = conn.call(
-                "org.varlink.service.GetInfo",
-                &serde_json::json!({}),
-                false,
-                |_| {},
-            );
-            if asked.is_ok() {
-                return Ok(begin.elapsed());
-            }
+        if call_agent(m, "org.varlink.service.GetInfo", Duration::from_secs(2)) {
+            return Ok(begin.elapsed());
         }
         if m.state() == State::Stopped {
             bail!(
@@ -327,7 +322,7 @@ pub fn stop(m: &Machine, grace: Duration) -> Result<bool> {
     let State::Running(pid) = m.state() else {
         return Ok(false);
     };
-    let asked = ask_guest_to_shut_down(m);
+    let asked = call_agent(m, "io.b2p.Machine.Shutdown", Duration::from_secs(3));
     if asked && wait_stopped(m, grace) {
         return Ok(true);
     }
@@ -348,18 +343,15 @@ pub fn stop(m: &Machine, grace: Duration) -> Result<bool> {
     bail!("machine {} (pid {pid}) did not stop", m.name)
 }
 
-fn ask_guest_to_shut_down(m: &Machine) -> bool {
+/// Calls `method` (no parameters) on the machine's agent; whether it
+/// answered without an error within `timeout`.
+fn call_agent(m: &Machine, method: &str, timeout: Duration) -> bool {
     let addr = varlink::Address::Unix(m.varlink_path());
-    let Ok(mut conn) = varlink::Connection::connect(&addr, Some(Duration::from_secs(3))) else {
+    let Ok(mut conn) = varlink::Connection::connect(&addr, Some(timeout)) else {
         return false;
     };
-    conn.call(
-        "io.b2p.Machine.Shutdown",
-        &serde_json::json!({}),
-        false,
-        |_| {},
-    )
-    .is_ok()
+    conn.call(method, &serde_json::json!({}), false, |_| {})
+        .is_ok()
 }
 
 fn wait_stopped(m: &Machine, limit: Duration) -> bool {

@@ -175,7 +175,23 @@ fn create_ls_inspect_env_rm() {
         ],
         "--ip",
     );
+    h.fails(
+        &[
+            "create",
+            "badgw",
+            "--tap",
+            "t0",
+            "--ip",
+            "10.0.0.2/24",
+            "--gateway",
+            "10.0.0.1 init=/bin/sh",
+            "--kernel",
+            &k,
+        ],
+        "--gateway",
+    );
     assert!(!h.machine_dir("tiny").exists() && !h.machine_dir("badip").exists());
+    assert!(!h.machine_dir("badgw").exists());
     h.fails(&["start", "nosuch"], "does not exist");
     h.fails(&["ip", "dev"], "no static address");
     h.fails(&["ssh", "dev"], "is not running");
