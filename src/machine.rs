@@ -37,6 +37,14 @@ pub struct MachineConfig {
     pub created: u64,
 }
 
+impl MachineConfig {
+    /// The guest's static IPv4 address, without its prefix.
+    pub fn address(&self) -> Option<&str> {
+        let ip = self.ip.as_deref()?;
+        ip.split('/').next()
+    }
+}
+
 /// A machine's directory and the files in it.
 #[derive(Clone, Debug)]
 pub struct Machine {

@@ -253,10 +253,11 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Ip { name } => {
             let m = Machine::existing(&name)?;
-            let Some(ip) = m.load()?.ip else {
+            let config = m.load()?;
+            let Some(addr) = config.address() else {
                 anyhow::bail!("machine {name} has no static address (create it with --tap TAP --ip ADDR/PREFIX)");
             };
-            println!("{}", ip.split('/').next().unwrap_or(&ip));
+            println!("{addr}");
         }
         Command::Ssh { name, command } => ssh::ssh(&Machine::existing(&name)?, &command)?,
         Command::Rm { name, force } => {

@@ -33,9 +33,9 @@ pub fn ssh(m: &Machine, args: &[String]) -> Result<()> {
             "-o",
             "IdentitiesOnly=yes",
         ]);
-    match config.ip.as_deref() {
-        Some(ip) => {
-            cmd.arg(format!("tc@{}", ip.split('/').next().unwrap_or(ip)));
+    match config.address() {
+        Some(addr) => {
+            cmd.arg(format!("tc@{addr}"));
         }
         None => {
             let exe = std::env::current_exe().context("locating the b2p binary")?;

@@ -20,32 +20,28 @@ pub const USERDATA_MAX: usize = 4096;
 /// marker, then `.ssh/` and `.ssh/authorized_keys` holding `public_key`.
 pub fn userdata_tar(public_key: &str) -> io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
-    b.mode(tar::HeaderMode::Deterministic);
-    let entry = |path: &str, kind: tar::EntryType, mode: u32, size: u64| {
+    // Owner root, mtime 0: the same key gives the same bytes.
+    let mut append = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8]| {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
         h.set_mode(mode);
-        h.set_size(size);
+        h.set_size(data.len() as u64);
         h.set_mtime(0);
         h.set_uid(0);
         h.set_gid(0);
-        h.set_path(path).map(|_| h)
+        h.set_path(path)?;
+        h.set_cksum();
+        b.append(&h, data)
     };
-    let mut h = entry(FORMAT_ME, tar::EntryType::Regular, 0o644, 0)?;
-    h.set_cksum();
-    b.append(&h, io::empty())?;
-    let mut h = entry(".ssh/", tar::EntryType::Directory, 0o700, 0)?;
-    h.set_cksum();
-    b.append(&h, io::empty())?;
+    append(FORMAT_ME, tar::EntryType::Regular, 0o644, b"")?;
+    append(".ssh/", tar::EntryType::Directory, 0o700, b"")?;
     let key = format!("{}\n", public_key.trim_end());
-    let mut h = entry(
+    append(
         ".ssh/authorized_keys",
         tar::EntryType::Regular,
         0o600,
-        key.len() as u64,
+        key.as_bytes(),
     )?;
-    h.set_cksum();
-    b.append(&h, key.as_bytes())?;
     let tar = b.into_inner()?;
     if tar.len() > USERDATA_MAX {
         return Err(io::Error::new(
