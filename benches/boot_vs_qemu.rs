@@ -227,11 +227,7 @@ fn vmm_args(kernel: &Path, g: &Guest) -> Vec<String> {
 /// Why this host cannot boot an unmodified Linux under KVM in reasonable
 /// time (PVM, DESIGN.md §8), if it cannot.
 fn pvm_host() -> Option<&'static str> {
-    // kvm_pvm built in shows only under /sys/module, a module also in /proc/modules.
-    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
-    (Path::new("/sys/module/kvm_pvm").exists()
-        || modules.lines().any(|l| l.starts_with("kvm_pvm ")))
-    .then_some("/dev/kvm is PVM (kvm_pvm): an unmodified Linux never reaches userspace here (DESIGN.md §8); run B2P_BENCH_IMAGE=1 on a VMX/SVM host")
+    is_pvm_kvm().then_some("/dev/kvm is PVM (kvm_pvm): an unmodified Linux never reaches userspace here (DESIGN.md §8); run B2P_BENCH_IMAGE=1 on a VMX/SVM host")
 }
 
 /// The probe (default), or with B2P_BENCH_IMAGE=1 the guest image booted

@@ -9,6 +9,8 @@
 //! Also the opt-in full boot under b2p-vmm (DESIGN.md §8 tier 4), for hosts
 //! with VMX/SVM KVM only (`B2P_FULL_BOOT=1`).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -464,11 +466,7 @@ fn full_boot_blocker() -> Option<String> {
     if !Path::new("/dev/kvm").exists() {
         return Some("no /dev/kvm".into());
     }
-    // kvm_pvm built in shows only under /sys/module, a module also in /proc/modules.
-    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
-    if Path::new("/sys/module/kvm_pvm").exists()
-        || modules.lines().any(|l| l.starts_with("kvm_pvm "))
-    {
+    if common::is_pvm_kvm() {
         return Some("/dev/kvm is PVM (kvm_pvm): Linux guests run ~100x slower and stop on instructions its emulator lacks (DESIGN.md §8)".into());
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

@@ -30,6 +30,14 @@ pub fn kvm_usable() -> Result<(), String> {
         .map_err(|e| format!("/dev/kvm is not usable ({e})"))
 }
 
+/// True when /dev/kvm is this workplace's PVM hypervisor (DESIGN.md §8),
+/// on which an unmodified Linux never reaches userspace. Built in, kvm_pvm
+/// shows only under /sys/module; as a module, also in /proc/modules.
+pub fn is_pvm_kvm() -> bool {
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    Path::new("/sys/module/kvm_pvm").exists() || modules.lines().any(|l| l.starts_with("kvm_pvm "))
+}
+
 /// True when this process runs as root (some tests drop privileges).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
