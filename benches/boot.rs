@@ -56,23 +56,12 @@ fn boot_once(vmm: &Path, kernel: &Path, initrd: &Path, cmdline: &str) -> Result<
     }
 }
 
-fn stats(mut v: Vec<u64>) -> (u64, u64, u64) {
-    v.sort_unstable();
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2
-    };
-    (v[0], median, v[n - 1])
-}
-
 fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
 fn row(name: &str, v: Vec<u64>, target_us: Option<u64>) {
-    let (min, med, max) = stats(v);
+    let (min, med, max) = min_median_max(&v);
     let verdict = match target_us {
         Some(t) if med < t => format!("< {} ✓", ms(t)),
         Some(t) => format!("< {} ✗", ms(t)),

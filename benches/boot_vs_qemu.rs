@@ -151,14 +151,7 @@ impl Peer {
 }
 
 fn median(v: &[u64]) -> u64 {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2
-    }
+    min_median_max(v).1
 }
 
 fn ms(us: u64) -> String {
@@ -166,9 +159,8 @@ fn ms(us: u64) -> String {
 }
 
 fn min_med_max(v: &[u64]) -> String {
-    let lo = v.iter().copied().min().unwrap_or(0);
-    let hi = v.iter().copied().max().unwrap_or(0);
-    format!("{} / {} / {}", ms(lo), ms(median(v)), ms(hi))
+    let (lo, med, hi) = min_median_max(v);
+    format!("{} / {} / {}", ms(lo), ms(med), ms(hi))
 }
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -1,10 +1,11 @@
 //! The agent over real vsock with real Linux (DESIGN.md §8 tier 3): QEMU
-//! TCG boots vmlinuz64 + boot2podman.gz (`-M microvm`) with a blank data
-//! disk and a `vhost-user-vsock-device` backed by `vhost-device-vsock`
-//! (memfd guest memory, share=on). b2p's varlink client speaks the hybrid
-//! `CONNECT 1024` handshake to its Unix socket, gets GetVersion and runs a
-//! container; a stock `podman --remote` reaches vsock port 1025 through a
-//! small hybrid proxy; Shutdown powers the guest off.
+//! TCG boots vmlinuz64 + boot2podman.gz (`-M microvm`) with the data disk
+//! of a `b2p create` machine and a `vhost-user-vsock-device` backed by
+//! `vhost-device-vsock` (memfd guest memory, share=on). b2p's varlink client
+//! speaks the hybrid `CONNECT 1024` handshake to its Unix socket, gets
+//! GetVersion and runs a container; a stock `podman --remote` reaches vsock
+//! port 1025 through a small hybrid proxy; ssh logs in with the machine's
+//! key over vsock port 22; Shutdown powers the guest off.
 //!
 //! Also the opt-in full boot under b2p-vmm (DESIGN.md §8 tier 4), for hosts
 //! with VMX/SVM KVM only (`B2P_FULL_BOOT=1`).

@@ -277,3 +277,19 @@ pub fn timing(stderr: &str, name: &str) -> Option<u64> {
         .find_map(|w| w.strip_prefix(key.as_str()))
         .and_then(|v| v.parse().ok())
 }
+
+/// Min, median and max of timing samples (benches); zeros when empty.
+pub fn min_median_max(v: &[u64]) -> (u64, u64, u64) {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    let n = v.len();
+    if n == 0 {
+        return (0, 0, 0);
+    }
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2
+    };
+    (v[0], median, v[n - 1])
+}
