@@ -300,14 +300,11 @@ fn start_status_stop_with_the_probe_guest() {
     let out = h.ok(&["stop", "vm1", "--timeout", "1"]);
     assert!(out.contains("Machine vm1 stopped"), "{out}");
     assert_eq!(h.ok(&["status", "vm1"]).trim(), "Stopped");
+    // Gone, or the pid reused by a process that is not our VM.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     assert!(
-        !Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
-            // The pid may have been reused: then it is not our VM process.
-            !std::fs::read(format!("/proc/{pid}/cmdline"))
-                .unwrap_or_default()
-                .windows(8)
-                .any(|w| w == b"__run-vm")
-        }
+        !cmdline.windows(8).any(|w| w == b"__run-vm"),
+        "the VM process {pid} is still there"
     );
     for f in ["pid", "vsock.sock", "io.podman", "podman.sock"] {
         assert!(!dir.join(f).exists(), "{f} left behind after stop");

@@ -199,7 +199,7 @@ fn rx_device(len: usize, frames: usize) -> (u64, u64, Duration) {
             g.d.mem
                 .read_slice(&mut eth, b.unchecked_add(VNET_HDR_LEN as u64))
                 .unwrap();
-            if is_ours(&eth, u.len as usize - VNET_HDR_LEN) {
+            if is_ours(&eth, (u.len as usize).saturating_sub(VNET_HDR_LEN)) {
                 got += 1;
                 bytes += u64::from(u.len) - VNET_HDR_LEN as u64;
             }
