@@ -8,6 +8,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod ratelimit;
 pub mod virtio;
 
 pub use bus::BusDevice;
