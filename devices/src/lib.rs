@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod ratelimit;
+pub mod threads;
 pub mod virtio;
 
 pub use bus::BusDevice;
