@@ -375,6 +375,132 @@ fn disk_in_use_by_another_vm() {
     assert_clean_error(test, &out, &["in use"]);
 }
 
+/// A console path naming a disk (itself, a hard link, a symlink) is refused
+/// before anything is opened for writing, and the disk keeps its bytes.
+#[test]
+fn console_that_is_a_disk() {
+    let test = "console_that_is_a_disk";
+    let c = case(test);
+    let disk = write_file(&c.dir, "precious.img", &[0xa5; 64 * 1024]);
+    let d = disk.display().to_string();
+    let link = c.dir.join("same-precious.img");
+    std::fs::hard_link(&disk, &link).unwrap();
+    let sym = c.dir.join("sym-precious.img");
+    std::os::unix::fs::symlink(&disk, &sym).unwrap();
+    for (console, want) in [
+        (&disk, "is the disk image"),
+        (&link, "is the disk image"),
+        (&sym, "symbolic link"),
+    ] {
+        let out = run_vmm(
+            &c,
+            &run_args(
+                &c.kernel,
+                &c.initrd,
+                &[
+                    "--disk",
+                    &d,
+                    "--console",
+                    &format!("file:{}", console.display()),
+                ],
+            ),
+        );
+        assert_clean_error(test, &out, &[want]);
+        assert_eq!(
+            std::fs::read(&disk).unwrap(),
+            vec![0xa5; 64 * 1024],
+            "{test}: --console file:{} changed the disk",
+            console.display()
+        );
+    }
+}
+
+/// Starts a probe VM that holds `disk` (and writes its console to
+/// `console`) for 20 s, and waits until it has locked the disk and written
+/// `probe: holding`.
+fn holding_vm(test: &str, c: &Case, disk: &Path, console: &Path) -> std::process::Child {
+    let mut args = run_args(
+        &c.kernel,
+        &c.initrd,
+        &[
+            "--disk",
+            &disk.display().to_string(),
+            "--console",
+            &format!("file:{}", console.display()),
+        ],
+    );
+    if let Some(i) = args.iter().position(|a| a == "--cmdline") {
+        args[i + 1] = "console=ttyS0 probe.hold_ms=20000".into();
+    }
+    let mut cmd = vmm_command(&c.vmm);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = cmd.spawn().expect("spawning the first VM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .contains("probe: holding")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{test}: the first VM never reached its hold"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// A second VM refused because the first one runs must leave the first
+/// one's disk and console log alone, whichever of them it names.
+#[test]
+fn refused_vm_leaves_the_running_vm_alone() {
+    let test = "refused_vm_leaves_the_running_vm_alone";
+    let Some(c) = device_case(test) else { return };
+    let disk = write_file(&c.dir, "data.img", &[0x5a; 64 * 1024]);
+    let d = disk.display().to_string();
+    let log = c.dir.join("console.log");
+    let l = format!("file:{}", log.display());
+    let mut first = holding_vm(test, &c, &disk, &log);
+    let before = std::fs::read(&log).unwrap();
+    let other = write_file(&c.dir, "other.img", &[0x33; 64 * 1024]);
+    let o = other.display().to_string();
+    let cases: [(&[&str], &str); 3] = [
+        // The running VM's disk as this one's console.
+        (
+            &["--disk", &d, "--console", &format!("file:{d}")],
+            "disk image",
+        ),
+        // Its disk and its console log.
+        (&["--disk", &d, "--console", &l], "in use"),
+        // Another disk, but its console log.
+        (&["--disk", &o, "--console", &l], "in use"),
+    ];
+    let mut failures = Vec::new();
+    for (args, want) in cases {
+        let out = run_vmm(&c, &run_args(&c.kernel, &c.initrd, args));
+        let disk_now = std::fs::read(&disk).unwrap();
+        let log_now = std::fs::read(&log).unwrap();
+        if disk_now != vec![0x5a; 64 * 1024] {
+            failures.push(format!("{args:?} changed the running VM's disk"));
+        }
+        if !log_now.starts_with(&before) {
+            failures.push(format!(
+                "{args:?} changed the running VM's console log ({} bytes left of {})",
+                log_now.len(),
+                before.len()
+            ));
+        }
+        if failures.is_empty() {
+            assert_clean_error(test, &out, &[want]);
+        }
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(failures.is_empty(), "{test}: {failures:#?}");
+}
+
 #[test]
 fn tap_that_does_not_exist() {
     let test = "tap_that_does_not_exist";

@@ -18,7 +18,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Console, VmConfig};
-use crate::console::{self, ConsoleFlusher};
+use crate::console::{self, ConsoleFlusher, OpenedConsole};
 use crate::devices::DeviceManager;
 use crate::error::{Error, Result};
 use crate::event_loop::{self, Manager, Subscriber};
@@ -50,7 +50,7 @@ impl StageClock {
 pub struct HostInputs {
     kernel: File,
     initrd: Option<(PathBuf, File, u64)>,
-    pub output: ConsoleOutput,
+    pub console: OpenedConsole,
 }
 
 impl HostInputs {
@@ -82,11 +82,12 @@ impl HostInputs {
                 Some((path.clone(), f, size))
             }
         };
-        let output = console::open_output(&config.console)?;
+        let disks: Vec<PathBuf> = config.disks.iter().map(|d| d.path.clone()).collect();
+        let console = console::open_output(&config.console, &disks)?;
         Ok(HostInputs {
             kernel,
             initrd,
-            output,
+            console,
         })
     }
 }

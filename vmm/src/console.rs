@@ -4,9 +4,11 @@
 //! buffered output.
 
 use std::collections::VecDeque;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use b2p_devices::legacy::{ConsoleOutput, SerialDevice};
@@ -17,23 +19,132 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::config::Console;
 use crate::error::{Error, Result};
 
-/// Open the console's output sink.
-pub fn open_output(console: &Console) -> Result<ConsoleOutput> {
-    Ok(match console {
-        Console::Stdio => ConsoleOutput::Stdout,
-        Console::None => ConsoleOutput::Sink,
-        Console::File(path) => ConsoleOutput::File(
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
-                .map_err(|source| Error::ConsoleFile {
-                    path: path.clone(),
-                    source,
-                })?,
-        ),
-    })
+/// The console's output, opened by [`open_output`] without truncating or
+/// writing anything: a refused VM must leave the file as it found it.
+/// [`OpenedConsole::commit`] empties a regular file once every disk is
+/// locked; dropped uncommitted, a file that `open_output` created is removed.
+pub struct OpenedConsole {
+    output: Option<ConsoleOutput>,
+    /// The regular file to empty at commit (the same open file as the output).
+    truncate: Option<File>,
+    /// The path when `open_output` created the file.
+    created: Option<PathBuf>,
+}
+
+impl OpenedConsole {
+    fn new(output: ConsoleOutput) -> Self {
+        OpenedConsole {
+            output: Some(output),
+            truncate: None,
+            created: None,
+        }
+    }
+
+    /// The sink for the serial device (once; `Sink` after that).
+    pub fn take_output(&mut self) -> ConsoleOutput {
+        self.output.take().unwrap_or(ConsoleOutput::Sink)
+    }
+
+    /// Every disk is locked and the VM is built: empty the console file
+    /// (the guest has not written yet) and keep it.
+    pub fn commit(&mut self) -> Result<()> {
+        self.created = None;
+        if let Some(f) = self.truncate.take() {
+            f.set_len(0).map_err(|source| Error::Io {
+                what: "emptying the console file",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OpenedConsole {
+    fn drop(&mut self) {
+        if let Some(path) = self.created.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// (device, inode) of what `path` names, following symlinks.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Opens the console's output sink without truncating it. A file is
+/// refused when it is one of `disks` (under any name), a symbolic link
+/// (O_NOFOLLOW: another user's link must not redirect it), a FIFO nobody
+/// reads (O_NONBLOCK: open must not hang), or in use as another VM's
+/// console (an exclusive flock, held while the VM runs). A new file is
+/// created 0600.
+pub fn open_output(console: &Console, disks: &[PathBuf]) -> Result<OpenedConsole> {
+    let path = match console {
+        Console::Stdio => return Ok(OpenedConsole::new(ConsoleOutput::Stdout)),
+        Console::None => return Ok(OpenedConsole::new(ConsoleOutput::Sink)),
+        Console::File(path) => path,
+    };
+    let err = |source: std::io::Error| match source.raw_os_error() {
+        Some(libc::ELOOP) => Error::ConsoleSymlink { path: path.clone() },
+        Some(libc::ENXIO) if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) => {
+            Error::ConsoleFifo { path: path.clone() }
+        }
+        _ => Error::ConsoleFile {
+            path: path.clone(),
+            source,
+        },
+    };
+    let open = |create: bool| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(create)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+    };
+    let (file, created) = match open(false) {
+        Ok(f) => (f, false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match open(true) {
+            Ok(f) => (f, true),
+            // Created by someone else in between: open what is there.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                (open(false).map_err(err)?, false)
+            }
+            Err(e) => return Err(err(e)),
+        },
+        Err(e) => return Err(err(e)),
+    };
+    let mut opened = OpenedConsole::new(ConsoleOutput::Sink);
+    opened.created = created.then(|| path.clone());
+    let meta = file.metadata().map_err(err)?;
+    let id = (meta.dev(), meta.ino());
+    if let Some(disk) = disks.iter().find(|d| file_id(d) == Some(id)) {
+        return Err(Error::ConsoleIsDisk {
+            path: path.clone(),
+            disk: disk.clone(),
+        });
+    }
+    // Writes block like they do on stdout (a FIFO's reader sets the pace).
+    // SAFETY: fcntl on an fd we own; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    if meta.file_type().is_file() {
+        // SAFETY: flock on an fd we own; the lock lives as long as the open file.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(Error::ConsoleInUse { path: path.clone() });
+            }
+            return Err(err(e));
+        }
+        opened.truncate = Some(file.try_clone().map_err(err)?);
+    }
+    opened.output = Some(ConsoleOutput::File(file));
+    Ok(opened)
 }
 
 /// Whether stdin is a terminal we should read from: a tty whose foreground

@@ -66,6 +66,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("console file {} is the disk image {} (give the console another file)", path.display(), disk.display())]
+    ConsoleIsDisk { path: PathBuf, disk: PathBuf },
+    #[error("console file {} is in use by another VM", path.display())]
+    ConsoleInUse { path: PathBuf },
+    #[error("console file {} is a symbolic link (give the file it points to)", path.display())]
+    ConsoleSymlink { path: PathBuf },
+    #[error("console file {} is a FIFO that nobody reads", path.display())]
+    ConsoleFifo { path: PathBuf },
     #[error("terminal")]
     Terminal(#[source] std::io::Error),
     #[error("device setup: {0}")]

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use b2p_devices::legacy::boot_timer::monotonic_ns;
-use b2p_devices::legacy::{ConsoleOutput, EventSink, LegacyEvent};
+use b2p_devices::legacy::{EventSink, LegacyEvent};
 use event_manager::SubscriberOps;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
@@ -208,7 +208,7 @@ impl Vm {
             LegacyEvent::Reset => sink.finish(Ok(VmExit::Reset)),
             LegacyEvent::BootComplete { since_start_us } => sink.note_boot_complete(since_start_us),
         });
-        let output = std::mem::replace(&mut inputs.output, ConsoleOutput::Sink);
+        let output = inputs.console.take_output();
         let (devices, vcpu_fds) = std::thread::scope(|s| -> Result<_> {
             // The PIT (its kernel thread can take milliseconds to start on a
             // busy host) is created, and the supported CPUID fetched, while
@@ -232,6 +232,9 @@ impl Vm {
                 .map_err(|_| Error::Device("KVM setup thread panicked".into()))??;
             let vcpu_fds = builder::create_vcpus(&vm_fd, &supported, config.vcpus, entry)?;
             clock.stage("vcpus");
+            // Every disk is locked and nothing is left to refuse: only now
+            // may the console file be emptied.
+            inputs.console.commit()?;
             Ok((devices, vcpu_fds))
         })?;
         Self::launch(config, clock, vm_fd, mem, shared, devices, vcpu_fds)
