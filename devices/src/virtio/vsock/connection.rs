@@ -21,7 +21,9 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use log::{debug, warn};
+use log::debug;
+
+use crate::warn_limited;
 use vm_memory::VolatileSlice;
 use vmm_sys_util::epoll::EventSet;
 
@@ -469,7 +471,7 @@ impl Connection {
             }
         }
         if off < len && self.txbuf.push_payload(payload, off).is_err() {
-            warn!(
+            warn_limited!(
                 "vsock: guest port {} overran its credit; resetting",
                 self.peer_port
             );

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use log::{error, warn};
+use crate::{error_limited, warn_limited};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
@@ -92,6 +92,11 @@ impl Vsock {
         self.muxer.connection_count()
     }
 
+    /// Pending `CONNECT` handshakes on the hybrid socket.
+    pub fn handshake_count(&self) -> usize {
+        self.muxer.handshake_count()
+    }
+
     /// Move host-bound packets from the TX queue to the muxer. Returns
     /// whether used entries were added.
     pub fn process_tx(&mut self) -> bool {
@@ -114,10 +119,10 @@ impl Vsock {
             let head = chain.head_index();
             match parse_tx(&a.mem, chain) {
                 Ok(pkt) => self.muxer.send_pkt(&pkt),
-                Err(e) => warn!("vsock: tx: {e}"),
+                Err(e) => warn_limited!("vsock: tx: {e}"),
             }
             if let Err(e) = q.add_used(&a.mem, head, 0) {
-                warn!("vsock: tx add_used({head}): {e}");
+                warn_limited!("vsock: tx add_used({head}): {e}");
                 break;
             }
             added = true;
@@ -145,7 +150,7 @@ impl Vsock {
                     Some(hdr) => match buf.finish(&hdr) {
                         Ok(n) => n,
                         Err(e) => {
-                            warn!("vsock: rx header: {e}");
+                            warn_limited!("vsock: rx header: {e}");
                             0
                         }
                     },
@@ -156,12 +161,12 @@ impl Vsock {
                     }
                 },
                 Err(e) => {
-                    warn!("vsock: rx buffer dropped: {e}");
+                    warn_limited!("vsock: rx buffer dropped: {e}");
                     0
                 }
             };
             if let Err(e) = q.add_used(&a.mem, head, used_len) {
-                warn!("vsock: rx add_used({head}): {e}");
+                warn_limited!("vsock: rx add_used({head}): {e}");
                 break;
             }
             added = true;
@@ -195,7 +200,7 @@ impl Vsock {
     fn signal_used(&self) {
         if let Some(a) = self.active.as_ref() {
             if let Err(e) = a.irq.signal_used_queue() {
-                error!("vsock: interrupt: {e}");
+                error_limited!("vsock: interrupt: {e}");
             }
         }
     }
@@ -250,7 +255,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
+        warn_limited!(
             "vsock: guest wrote {} bytes of read-only config at {offset:#x}",
             data.len()
         );

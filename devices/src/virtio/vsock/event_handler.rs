@@ -2,8 +2,8 @@
 //! on activation the three queue eventfds and the muxer's epoll fd are
 //! watched too; after a reset they are dropped again.
 
+use crate::{error_limited, warn_limited};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use log::{error, warn};
 
 use super::device::Vsock;
 use super::{EVQ, RXQ, TXQ};
@@ -18,11 +18,11 @@ impl Vsock {
         }
         for (i, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                error!("vsock: cannot watch queue {i}: {e:?}");
+                error_limited!("vsock: cannot watch queue {i}: {e:?}");
             }
         }
         if let Err(e) = ops.add(Events::with_data(&self.muxer, DATA_BACKEND, EventSet::IN)) {
-            error!("vsock: cannot watch the backend: {e:?}");
+            error_limited!("vsock: cannot watch the backend: {e:?}");
         }
         self.subscribed = true;
     }
@@ -46,7 +46,7 @@ impl MutEventSubscriber for Vsock {
             DATA_ACTIVATE,
             EventSet::IN,
         )) {
-            error!("vsock: cannot watch the activate eventfd: {e:?}");
+            error_limited!("vsock: cannot watch the activate eventfd: {e:?}");
         }
         if self.is_active() {
             self.subscribe_runtime(ops);
@@ -78,7 +78,7 @@ impl MutEventSubscriber for Vsock {
                 }
             }
             DATA_BACKEND => self.process_backend(),
-            other => warn!("vsock: event with unknown data {other}"),
+            other => warn_limited!("vsock: event with unknown data {other}"),
         }
     }
 }

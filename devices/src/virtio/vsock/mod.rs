@@ -76,8 +76,11 @@ pub const EVQ: usize = 2;
 /// Bytes the host side buffers per connection for guest data the host
 /// socket has not taken (advertised to the guest as `buf_alloc`).
 pub const CONN_TX_BUF_SIZE: u32 = 256 * 1024;
-/// Most open connections (plus pending `CONNECT` handshakes) per device.
+/// Most open connections per device.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Most pending `CONNECT` handshakes per device, apart from connections;
+/// when full, the oldest is dropped for a new one.
+pub const MAX_HANDSHAKES: usize = 1024;
 /// Largest payload of one packet, both ways (Linux uses 64 KiB).
 pub const MAX_PKT_PAYLOAD: u32 = 64 * 1024;
 /// How long a host-initiated connection waits for the guest's RESPONSE, a

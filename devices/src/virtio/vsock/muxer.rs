@@ -20,7 +20,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, info};
+
+use crate::warn_limited;
 use vm_memory::VolatileSlice;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
@@ -29,8 +31,8 @@ use super::connection::{Connection, Kill};
 use super::listener::{connect_nonblocking, HostListener};
 use super::packet::{Hdr, TxPacket};
 use super::{
-    op, VsockError, CONN_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECT_LINE, VSOCK_HOST_CID,
-    VSOCK_TYPE_STREAM,
+    op, VsockError, CONN_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECT_LINE, MAX_HANDSHAKES,
+    VSOCK_HOST_CID, VSOCK_TYPE_STREAM,
 };
 
 /// TX processing pauses while this many packets wait for RX buffers.
@@ -68,10 +70,28 @@ struct Listener {
     kind: ListenKind,
 }
 
+/// A host client on the hybrid socket that has not finished its
+/// `CONNECT <port>\n` line. The bytes of the line read so far are kept
+/// here, so the socket is drained on every event and a client that stops
+/// mid-line leaves nothing readable behind to wake the level-triggered
+/// event loop again (issue 11, item 6).
 #[derive(Debug)]
 struct Handshake {
     stream: UnixStream,
     deadline: Instant,
+    line: [u8; MAX_CONNECT_LINE],
+    len: usize,
+}
+
+/// What one look at a handshake socket found.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// The line is complete (without its newline).
+    Done,
+    /// No newline yet; everything readable was taken.
+    Partial,
+    /// End of file, an error, or a line too long: drop the client.
+    Failed,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -211,7 +231,7 @@ impl Muxer {
             .max(Duration::from_millis(1));
         match self.timer.reset(d, None) {
             Ok(()) => self.timer_at = Some(at),
-            Err(e) => warn!("vsock: arming the timer: {e}"),
+            Err(e) => warn_limited!("vsock: arming the timer: {e}"),
         }
     }
 
@@ -230,7 +250,7 @@ impl Muxer {
             _ => Ok(()),
         };
         if let Err(e) = r {
-            warn!("vsock: epoll_ctl on fd {fd}: {e}");
+            warn_limited!("vsock: epoll_ctl on fd {fd}: {e}");
         }
     }
 
@@ -278,8 +298,33 @@ impl Muxer {
         self.sync_conn(key);
     }
 
+    /// Connections are bounded apart from handshakes, so clients that never
+    /// finish a `CONNECT` line cannot keep real connections out.
     fn at_capacity(&self) -> bool {
-        self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS
+        self.conns.len() >= MAX_CONNECTIONS
+    }
+
+    /// Pending CONNECT handshakes (for tests and stats).
+    pub fn handshake_count(&self) -> usize {
+        self.handshakes.len()
+    }
+
+    /// With the handshake table full, the oldest handshake makes room for a
+    /// new one: a client that writes its line at once always gets in, and a
+    /// flood of silent clients only evicts itself.
+    fn evict_oldest_handshake(&mut self) {
+        if self.handshakes.len() < MAX_HANDSHAKES {
+            return;
+        }
+        let oldest = self
+            .handshakes
+            .iter()
+            .min_by_key(|(t, h)| (h.deadline, **t))
+            .map(|(t, _)| *t);
+        if let Some(t) = oldest {
+            debug!("vsock: handshake table full; dropping the oldest");
+            self.drop_handshake(t);
+        }
     }
 
     fn alloc_local_port(&mut self, peer: u32) -> u32 {
@@ -331,7 +376,7 @@ impl Muxer {
 
     fn guest_connect(&mut self, key: ConnKey, h: &Hdr) {
         if self.at_capacity() {
-            warn!(
+            warn_limited!(
                 "vsock: connection limit reached; refusing guest port {}",
                 key.peer
             );
@@ -387,7 +432,7 @@ impl Muxer {
             Ok(n) => n,
             Err(e) => {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    warn!("vsock: epoll_wait: {e}");
+                    warn_limited!("vsock: epoll_wait: {e}");
                 }
                 return;
             }
@@ -422,33 +467,41 @@ impl Muxer {
                 Ok(Some(s)) => s,
                 Ok(None) => return,
                 Err(e) => {
-                    warn!("vsock: accept on {}: {e}", l.sock.path().display());
+                    warn_limited!("vsock: accept on {}: {e}", l.sock.path().display());
                     return;
                 }
             };
-            if self.at_capacity() {
-                warn!("vsock: connection limit reached; closing a host connection");
-                continue;
-            }
             let now = Instant::now();
             match self.listeners.get(i).map(|l| &l.kind) {
                 Some(ListenKind::Hybrid) => {
+                    self.evict_oldest_handshake();
                     let token = self.new_token(Owner::Handshake);
                     if let Err(e) = self.epoll.ctl(
                         ControlOperation::Add,
                         stream.as_raw_fd(),
                         EpollEvent::new(EventSet::IN, token),
                     ) {
-                        warn!("vsock: epoll add: {e}");
+                        warn_limited!("vsock: epoll add: {e}");
                         self.tokens.remove(&token);
                         continue;
                     }
                     let deadline = now + CONN_TIMEOUT;
-                    self.handshakes
-                        .insert(token, Handshake { stream, deadline });
+                    self.handshakes.insert(
+                        token,
+                        Handshake {
+                            stream,
+                            deadline,
+                            line: [0; MAX_CONNECT_LINE],
+                            len: 0,
+                        },
+                    );
                     self.arm_timer(deadline);
                 }
                 Some(ListenKind::Port(port)) => {
+                    if self.at_capacity() {
+                        warn_limited!("vsock: connection limit reached; closing a host connection");
+                        continue;
+                    }
                     let peer = *port;
                     let local = self.alloc_local_port(peer);
                     let c = Connection::new_local(stream, local, peer, self.guest_cid, false, now);
@@ -471,55 +524,28 @@ impl Muxer {
     }
 
     fn on_handshake(&mut self, token: u64, set: EventSet) {
-        let Some(hs) = self.handshakes.get(&token) else {
+        let Some(hs) = self.handshakes.get_mut(&token) else {
             return;
         };
-        let mut line = [0u8; MAX_CONNECT_LINE];
-        // SAFETY: `line` is a writable buffer of the given length.
-        let n = unsafe {
-            libc::recv(
-                hs.stream.as_raw_fd(),
-                line.as_mut_ptr() as *mut libc::c_void,
-                line.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
-                self.drop_handshake(token);
-            }
-            return;
-        }
-        let n = n as usize;
-        let peeked = &line[..n];
-        let Some(nl) = peeked.iter().position(|&b| b == b'\n') else {
-            if n == 0 || n == MAX_CONNECT_LINE || set.contains(EventSet::HANG_UP) {
+        match read_line_part(hs) {
+            LineRead::Partial if !set.contains(EventSet::HANG_UP) => return,
+            LineRead::Partial | LineRead::Failed => {
                 debug!("vsock: host connection closed or sent no CONNECT line");
                 self.drop_handshake(token);
+                return;
             }
-            return;
-        };
-        let port = parse_connect(&peeked[..nl]);
+            LineRead::Done => {}
+        }
+        let port = parse_connect(&hs.line[..hs.len]);
         let Some(stream) = self.drop_handshake(token) else {
             return;
         };
         let Some(port) = port else {
-            warn!("vsock: bad CONNECT line from a host client");
+            warn_limited!("vsock: bad CONNECT line from a host client");
             return;
         };
-        // Consume exactly the line; what follows is payload for the guest.
-        let mut sink = [0u8; MAX_CONNECT_LINE];
-        // SAFETY: `sink` is writable for nl + 1 <= MAX_CONNECT_LINE bytes.
-        let r = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                sink.as_mut_ptr() as *mut libc::c_void,
-                nl + 1,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if r != (nl + 1) as isize {
+        if self.at_capacity() {
+            warn_limited!("vsock: connection limit reached; closing a host connection");
             return;
         }
         let local = self.alloc_local_port(port);
@@ -583,6 +609,63 @@ impl Muxer {
 impl AsRawFd for Muxer {
     fn as_raw_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
+    }
+}
+
+/// Takes what the client wrote of its `CONNECT` line, never a byte past
+/// the newline (what follows is payload for the guest and stays in the
+/// socket). Peeks first, then consumes exactly the line's part of what was
+/// peeked, so nothing readable is left behind unless it follows the line.
+fn read_line_part(hs: &mut Handshake) -> LineRead {
+    loop {
+        let room = MAX_CONNECT_LINE - hs.len;
+        if room == 0 {
+            return LineRead::Failed;
+        }
+        let mut peek = [0u8; MAX_CONNECT_LINE];
+        // SAFETY: `peek` is writable for `room <= MAX_CONNECT_LINE` bytes.
+        let n = unsafe {
+            libc::recv(
+                hs.stream.as_raw_fd(),
+                peek.as_mut_ptr() as *mut libc::c_void,
+                room,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return match io::Error::last_os_error().kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => LineRead::Partial,
+                _ => LineRead::Failed,
+            };
+        }
+        let n = n as usize;
+        if n == 0 {
+            return LineRead::Failed;
+        }
+        let nl = peek[..n].iter().position(|&b| b == b'\n');
+        let take = nl.map_or(n, |i| i + 1);
+        let dst = &mut hs.line[hs.len..hs.len + take];
+        // SAFETY: `dst` is writable for `take` bytes; the same bytes were
+        // just peeked, so this consumes exactly them.
+        let r = unsafe {
+            libc::recv(
+                hs.stream.as_raw_fd(),
+                dst.as_mut_ptr() as *mut libc::c_void,
+                take,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if r != take as isize {
+            return LineRead::Failed;
+        }
+        match nl {
+            Some(_) => {
+                hs.len += take - 1;
+                return LineRead::Done;
+            }
+            None => hs.len += take,
+        }
     }
 }
 

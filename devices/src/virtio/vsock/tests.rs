@@ -891,36 +891,83 @@ fn hostile_packets_never_panic() {
     g.d.publish(TXQ as u16, 9999);
     g.d.notify(TXQ as u16);
     g.step(1);
-    // Hostile RX buffers: read-only, tiny, outside memory.
-    for r in [
-        RawDesc {
-            addr: 0x2000,
-            len: 4096,
-            flags: 0,
-            next: 0,
-        },
-        RawDesc {
-            addr: 0x2000,
-            len: 8,
-            flags: 2,
-            next: 0,
-        },
-        RawDesc {
-            addr: end - 16,
-            len: 4096,
-            flags: 2,
-            next: 0,
-        },
+    // Hostile RX buffers: read-only, tiny, crossing the end of memory.
+    // First the device fills every posted RX buffer (RSTs for REQUESTs to
+    // a closed port) and the buffers are taken back without reposting, so
+    // each hostile buffer below is the only one the device can use.
+    g.step(5);
+    let mut free_slots = Vec::new();
+    let mut port = 4444;
+    while !g.rx_inflight.is_empty() {
+        g.send_op(41, port, op::REQUEST, 0);
+        port += 1;
+        g.pump(1);
+        g.reap_tx();
+        for u in g.d.used(RXQ as u16) {
+            free_slots.extend(g.rx_inflight.remove(&u.id));
+        }
+    }
+    // One more RST owed to the guest, waiting for an RX buffer.
+    g.send_op(41, port, op::REQUEST, 0);
+    g.pump(5);
+    let scratch = g.d.buf(4096);
+    let fill = vec![0xa5u8; 4096];
+    let tail = GuestAddress(end - 16);
+    for (r, watch) in [
+        // Device-readable only: the device must not write into it.
+        (
+            RawDesc {
+                addr: scratch.0,
+                len: 4096,
+                flags: 0,
+                next: 0,
+            },
+            scratch,
+        ),
+        // Write-only but smaller than a header.
+        (
+            RawDesc {
+                addr: scratch.0,
+                len: 8,
+                flags: 2,
+                next: 0,
+            },
+            scratch,
+        ),
+        // Write-only, running past the end of guest memory.
+        (
+            RawDesc {
+                addr: end - 16,
+                len: 4096,
+                flags: 2,
+                next: 0,
+            },
+            tail,
+        ),
     ] {
+        let n = if watch == tail { 16 } else { 4096 };
+        g.d.mem.write_slice(&fill[..n], watch).unwrap();
         g.d.write_raw_desc(RXQ as u16, 250, r);
         g.d.publish(RXQ as u16, 250);
         g.d.notify(RXQ as u16);
-        // Something for the device to send: a REQUEST to a closed port.
-        g.send_op(41, 4444, op::REQUEST, 0);
-        g.step(1);
-        // The hostile buffer comes back (used, possibly empty); forget it.
-        g.rx_inflight.retain(|_, _| true);
+        g.pump(5);
+        // The device gives the buffer back empty and writes nothing.
+        let used = g.d.used(RXQ as u16);
+        assert_eq!(used.len(), 1, "{r:?}: {used:?}");
+        assert_eq!((used[0].id, used[0].len), (250, 0), "{r:?}");
+        assert_eq!(g.d.read_buf(watch, n), fill[..n], "{r:?} was written");
     }
+    // The RSTs owed meanwhile were kept, not lost with the bad buffers.
+    g.log.clear();
+    for slot in free_slots {
+        g.post_rx(slot);
+    }
+    g.d.notify(RXQ as u16);
+    g.run_until(10, |g| {
+        g.log
+            .iter()
+            .any(|h| h.op == op::RST && h.dst_port == 41 && h.src_port == port)
+    });
     // Still works.
     let path = g.port_path(1024);
     let h = std::thread::spawn(move || echo_roundtrip(UnixStream::connect(&path).unwrap(), b"ok"));
@@ -1085,4 +1132,170 @@ fn tx_payload_layouts() {
     g.d.notify(TXQ as u16);
     let out = g.run_threads(20, vec![h]);
     assert_eq!(out[0], data);
+}
+
+/// Event-loop wake-ups during `window`: the events the event manager
+/// dispatched.
+fn wakeups_in(g: &mut Guest, window: Duration) -> usize {
+    let t = Instant::now();
+    let mut n = 0;
+    while t.elapsed() < window {
+        n += g.em.run_with_timeout(50).unwrap();
+    }
+    n
+}
+
+#[test]
+fn split_connect_line_does_not_spin() {
+    // Issue 11 item 6: a client that sent half a CONNECT line and waits
+    // used to wake the level-triggered loop ~177,000 times in 500 ms.
+    let mut g = Guest::new(&[], 4096);
+    g.listen.push(99);
+    let mut s = UnixStream::connect(&g.uds).unwrap();
+    s.write_all(b"CONN").unwrap();
+    g.run_until(5, |g| g.dev.lock().unwrap().handshake_count() == 1);
+    g.pump(10);
+    let n = wakeups_in(&mut g, Duration::from_millis(500));
+    assert!(n <= 100, "{n} event-loop wake-ups in 500 ms");
+    assert_eq!(g.dev.lock().unwrap().handshake_count(), 1);
+    // The rest of the line still connects, and the bytes after it are
+    // payload.
+    let h = std::thread::spawn(move || {
+        s.write_all(b"ECT 99\nxyz").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let mut b = [0u8; 3];
+        r.read_exact(&mut b).unwrap();
+        (line, b)
+    });
+    let out = g.run_threads(20, vec![h]);
+    assert!(out[0].0.starts_with("OK "), "{:?}", out[0].0);
+    assert_eq!(&out[0].1, b"xyz");
+}
+
+#[test]
+fn streams_answer_while_handshakes_are_pending() {
+    // MAX_HANDSHAKES clients that never finish their CONNECT line neither
+    // spin the loop nor keep real connections out: a port-listener stream
+    // (varlink's path) and a hybrid client both get their echo.
+    let mut g = Guest::new(&[1024], 4096);
+    g.listen.push(1024);
+    let mut idle = Vec::new();
+    for i in 0..MAX_HANDSHAKES {
+        let mut s = UnixStream::connect(&g.uds).unwrap();
+        s.write_all(b"CONNECT 10").unwrap();
+        idle.push(s);
+        if i % 32 == 0 {
+            g.pump(0);
+        }
+    }
+    g.run_until(5, |g| {
+        g.dev.lock().unwrap().handshake_count() == MAX_HANDSHAKES
+    });
+    let t = Instant::now();
+    let n = wakeups_in(&mut g, Duration::from_millis(500));
+    assert!(n <= 100, "{n} event-loop wake-ups in 500 ms");
+    let path = g.port_path(1024);
+    let uds = g.uds.clone();
+    let a = std::thread::spawn(move || {
+        let t = Instant::now();
+        let got = echo_roundtrip(UnixStream::connect(&path).unwrap(), b"varlink\0");
+        (got, t.elapsed())
+    });
+    let b = std::thread::spawn(move || {
+        let t = Instant::now();
+        let (s, line) = hybrid_connect(&uds, 1024);
+        assert!(line.starts_with("OK "), "{line:?}");
+        (echo_roundtrip(s, b"hybrid"), t.elapsed())
+    });
+    let out = g.run_threads(20, vec![a, b]);
+    assert_eq!(out[0].0, b"varlink\0");
+    assert_eq!(out[1].0, b"hybrid");
+    for (_, took) in &out {
+        assert!(
+            *took < Duration::from_millis(500),
+            "answered after {took:?}"
+        );
+    }
+    // Still pending all along (the hybrid client took the oldest's place).
+    assert!(t.elapsed() < CONN_TIMEOUT);
+    assert!(g.dev.lock().unwrap().handshake_count() >= MAX_HANDSHAKES - 1);
+    drop(idle);
+}
+
+#[test]
+fn guest_half_close_keeps_the_other_direction() {
+    // The guest sends SHUTDOWN(SEND): the host reads EOF and can still
+    // write; the guest still receives. Through a port listener and through
+    // the hybrid socket.
+    for hybrid in [false, true] {
+        let mut g = Guest::new(&[1024], 4096);
+        g.listen.push(1024);
+        g.echo = false;
+        let path = g.port_path(1024);
+        let uds = g.uds.clone();
+        let h = std::thread::spawn(move || {
+            let mut s = if hybrid {
+                let (s, line) = hybrid_connect(&uds, 1024);
+                assert!(line.starts_with("OK "), "{line:?}");
+                s
+            } else {
+                UnixStream::connect(&path).unwrap()
+            };
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut v = Vec::new();
+            s.read_to_end(&mut v).unwrap();
+            s.write_all(b"after eof").unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            v
+        });
+        g.run_until(10, |g| g.conns.len() == 1);
+        let key = *g.conns.keys().next().unwrap();
+        g.conns.get_mut(&key).unwrap().tx_total = 5;
+        let hd = g.hdr(key.0, key.1, op::RW, 5);
+        g.send_raw(hd, b"reply");
+        g.send_op(key.0, key.1, op::SHUTDOWN, SHUTDOWN_F_SEND);
+        let out = g.run_threads(20, vec![h]);
+        assert_eq!(out[0], b"reply", "hybrid={hybrid}");
+        g.run_until(10, |g| g.conns[&key].got == b"after eof");
+        // The host shut its side too: both directions are done, the
+        // device says SHUTDOWN(both); the guest answers RST and the
+        // connection is gone.
+        g.run_until(10, |g| {
+            g.log
+                .iter()
+                .any(|h| h.op == op::SHUTDOWN && h.flags == SHUTDOWN_F_BOTH)
+        });
+        g.send_op(key.0, key.1, op::RST, 0);
+        g.run_until(10, |g| g.connections() == 0);
+    }
+}
+
+#[test]
+fn host_half_close_through_the_hybrid_socket() {
+    // The host's shutdown(SHUT_WR) after CONNECT reaches the guest as
+    // SHUTDOWN(SEND) alone; the echo guest's reply still comes back.
+    let mut g = Guest::new(&[], 4096);
+    g.listen.push(1024);
+    let uds = g.uds.clone();
+    let h = std::thread::spawn(move || {
+        let (mut s, line) = hybrid_connect(&uds, 1024);
+        assert!(line.starts_with("OK "), "{line:?}");
+        s.write_all(b"request").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).unwrap();
+        v
+    });
+    let out = g.run_threads(20, vec![h]);
+    assert_eq!(out[0], b"request");
+    let shut: Vec<u32> = g
+        .log
+        .iter()
+        .filter(|h| h.op == op::SHUTDOWN)
+        .map(|h| h.flags)
+        .collect();
+    assert_eq!(shut.first(), Some(&SHUTDOWN_F_SEND), "{shut:?}");
 }
