@@ -78,6 +78,8 @@ pub enum Error {
     Terminal(#[source] std::io::Error),
     #[error("device setup: {0}")]
     Device(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("{what}")]
     Io {
         what: &'static str,

@@ -61,6 +61,10 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("b2p-events".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::Role::EventLoop) {
+                    log::error!("event loop: {e}");
+                    return;
+                }
                 while !stop.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
                         log::error!("event loop: {e:?}");

@@ -28,7 +28,7 @@
 //! `virtio` (device construction), `event_loop`, `console`, `vm`
 //! (orchestration and lifecycle), [`cli`] (argument parsers shared with the
 //! manager), [`image`] (where the default guest image is), [`signals`]
-//! (SIGINT/SIGTERM stop the VM).
+//! (SIGINT/SIGTERM stop the VM), [`seccomp`] (per-thread filters).
 
 mod builder;
 pub mod cli;
@@ -39,6 +39,7 @@ mod error;
 mod event_loop;
 pub mod image;
 mod kvm;
+pub mod seccomp;
 pub mod signals;
 mod vcpu;
 mod virtio;

@@ -173,6 +173,15 @@ impl StopHandle {
     }
 }
 
+/// Opens the vCPUs' start gate when dropped.
+struct OpenOnDrop(Arc<crate::seccomp::Gate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 /// A running VM.
 pub struct Vm {
     shared: Arc<Shared>,
@@ -196,6 +205,7 @@ impl Vm {
             enabled: config.timings,
         };
         config.validate()?;
+        crate::seccomp::prepare()?;
         clock.stage("vm_start");
         let mut inputs = HostInputs::open(&config)?;
         let (kvm, vm_fd, mem) = builder::create_vm(&config)?;
@@ -282,6 +292,10 @@ impl Vm {
             _mem: mem.clone(),
         };
         clock.stage("vm_ready");
+        // The vCPUs wait until every filter is in place (the gate opens on
+        // every path out of here).
+        let gate = Arc::new(crate::seccomp::Gate::default());
+        let _open_gate = OpenOnDrop(gate.clone());
         for (index, fd) in vcpu_fds.into_iter().enumerate() {
             let v = Vcpu {
                 index,
@@ -292,9 +306,16 @@ impl Vm {
                 shared: shared.clone(),
             };
             let on_panic = shared.clone();
+            let gate = gate.clone();
             let t = std::thread::Builder::new()
                 .name(format!("b2p-vcpu{index}"))
                 .spawn(move || {
+                    let sandboxed = crate::seccomp::apply(crate::seccomp::Role::Vcpu);
+                    gate.wait();
+                    if let Err(e) = sandboxed {
+                        on_panic.finish(Err(e.into()));
+                        return;
+                    }
                     // A bug must end the VM with an error, not leave wait() hanging.
                     let run = std::panic::AssertUnwindSafe(|| v.run());
                     if std::panic::catch_unwind(run).is_err() {
@@ -307,6 +328,7 @@ impl Vm {
                 .map_err(io("spawning a vCPU thread"))?;
             vm.vcpu_threads.push(t);
         }
+        crate::seccomp::apply(crate::seccomp::Role::Main)?;
         Ok(vm)
     }
 

@@ -3,7 +3,7 @@
 //! `b2p-vmm run --kernel K --initrd I [--cmdline S] [--memory MiB] [--cpus N]
 //! [--console stdio|file:PATH|none] [--boot-timer] [--disk PATH[,ro][,serial=S]]...
 //! [--net tap=NAME[,mac=M]]... [--vsock cid=N,uds=PATH] [--vsock-port PORT=PATH]...
-//! [--virtio-rng] [--virtio-mmio-cmdline] [--timings]`
+//! [--virtio-rng] [--virtio-mmio-cmdline] [--timings] [--no-seccomp]`
 //!
 //! Exit status 0 when the guest shuts down (power-off, reset, triple fault)
 //! or on SIGTERM/SIGINT; otherwise 1 (2 for usage errors) with exactly one
@@ -90,6 +90,10 @@ struct RunArgs {
     /// Print `b2p-vmm: timing NAME_us=N` milestones to stderr (also B2P_TIMINGS=1)
     #[arg(long)]
     timings: bool,
+    /// Run without the per-thread seccomp filters (for debugging a filter
+    /// that ends the process: a forbidden system call is named on stderr)
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
@@ -102,6 +106,10 @@ fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
 }
 
 fn run(args: RunArgs, start_ns: u64) -> anyhow::Result<()> {
+    b2p_vmm::seccomp::set_mode(match args.no_seccomp {
+        true => b2p_vmm::seccomp::Mode::Off,
+        false => b2p_vmm::seccomp::Mode::Process,
+    });
     let (kernel, initrd) = resolve_image(&args)?;
     let timings = args.timings || std::env::var("B2P_TIMINGS").is_ok_and(|v| v == "1");
     let config = VmConfig {
