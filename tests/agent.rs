@@ -131,6 +131,11 @@ impl Fixture {
     }
 
     fn start(name: &str) -> Fixture {
+        Fixture::start_with(name, &[])
+    }
+
+    /// The agent with `extra` arguments after the fixture's own.
+    fn start_with(name: &str, extra: &[&str]) -> Fixture {
         let dir = std::env::temp_dir().join(format!("b2p-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("rootfs/bin")).unwrap();
@@ -196,6 +201,7 @@ impl Fixture {
                 "touch {}",
                 dir.join("shutdown-requested").display()
             ))
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("agent.log")).unwrap());
@@ -427,6 +433,70 @@ fn check_agent(fx: &Fixture, image: &str) {
     assert!(String::from_utf8_lossy(&out.stdout).contains("CONTAINER ID"));
     let out = run(Command::new("podman").args(["--remote", "--url", &url, "images"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("busybox"));
+
+    // exec hijacks its connection, and Podman's service warns about each
+    // one ("IdleTracker: StateClosed transition ..."): the agent says once
+    // that it leaves them out, and its log never gets one.
+    let remote = |args: &[&str]| {
+        run(Command::new("timeout")
+            .args(["120", "podman", "--remote", "--url", &url])
+            .args(args))
+    };
+    remote(&["run", "-d", "--name", "b2p-idle", image, "sleep", "600"]);
+    for _ in 0..3 {
+        let out = remote(&["exec", "b2p-idle", "echo", "exec-ok"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "exec-ok");
+    }
+    remote(&["rm", "-f", "-t", "0", "b2p-idle"]);
+    let log = fx.log();
+    assert!(
+        log.contains("IdleTracker warnings are left out"),
+        "podman printed no IdleTracker warning, or the agent did not see it:\n{log}"
+    );
+    assert!(
+        !log.contains("IdleTracker: StateClosed"),
+        "an IdleTracker warning reached the agent's log:\n{log}"
+    );
+}
+
+/// `--podman-at-start`: the agent starts Podman's service and opens its
+/// socket only once Podman answers, so its first GetVersion needs no start
+/// of the service; the podman-ready milestone comes before agent-listening.
+#[test]
+fn podman_at_start_answers_before_the_agent_listens() {
+    if let Some(reason) = missing_prerequisite() {
+        return skip(&reason);
+    }
+    let t0 = Instant::now();
+    let fx = Fixture::start_with("atstart", &["--podman-at-start"]);
+    let listening = t0.elapsed();
+    let t1 = Instant::now();
+    let v = fx.call("io.podman.GetVersion", "{}");
+    let first = t1.elapsed();
+    assert!(v["parameters"]["version"].is_string(), "{v}");
+    let st = fx.call("io.b2p.Machine.GetStatus", "{}");
+    let status = &st["parameters"]["status"];
+    assert_eq!(status["podman_ready"], true, "{st}");
+    let names: Vec<&str> = status["milestones"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    let at = |n: &str| names.iter().position(|m| *m == n);
+    assert!(
+        at("podman-ready").is_some() && at("podman-ready") < at("agent-listening"),
+        "{st}"
+    );
+    eprintln!(
+        "FIGURES: --podman-at-start: agent listening {listening:?} after spawn, first GetVersion {first:?}"
+    );
+    // The version was fetched at start: the first call is a cached answer
+    // (podman's /version runs conmon and the OCI runtime: a second or more).
+    assert!(
+        first < Duration::from_millis(500),
+        "first GetVersion took {first:?}"
+    );
 }
 
 #[test]

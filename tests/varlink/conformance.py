@@ -49,6 +49,8 @@ def _():
         for key in ("vendor", "product", "version", "url"):
             assert isinstance(info[key], str) and info[key], key
         assert set(info["interfaces"]) >= {"org.varlink.service", "io.podman", "io.b2p.Machine"}, info
+        # This project's own name, not another project's address.
+        assert info["url"].startswith("b2p ") and "boot2podman/boot2podman" not in info["url"], info
 
 
 @check("GetInterfaceDescription parses for each interface")
@@ -62,7 +64,8 @@ def _():
         for m in ("GetVersion", "GetInfo", "ListContainers", "GetContainer", "CreateContainer",
                   "InspectContainer", "StartContainer", "StopContainer", "RemoveContainer",
                   "GetContainerLogs", "WaitContainer", "ListImages", "ImageExists", "PullImage",
-                  "RemoveImage"):
+                  "RemoveImage", "ContainerExists", "Ps", "GetContainersByStatus",
+                  "ListContainerMounts"):
             assert isinstance(podman.members.get(m), varlink.scanner._Method), m
         for e in ("ContainerNotFound", "ImageNotFound", "ErrorOccurred", "RuntimeError"):
             assert isinstance(podman.members.get(e), varlink.scanner._Error), e
@@ -171,9 +174,15 @@ def _():
                     assert chunk, "connection closed"
                     buf += chunk
                 return json.loads(buf[:-1])
-            r = raw("io.podman.StopContainer", {"name": "x"})
+            r = raw("io.podman.StopContainer", {"name": "x", "timeout": "3"})
             assert r["error"] == "org.varlink.service.InvalidParameter", r
             assert r["parameters"]["parameter"] == "timeout", r
+            r = raw("io.podman.StopContainer", {"name": "x", "signal": 9})
+            assert r["parameters"]["parameter"] == "signal", r
+            r = raw("io.podman.Ps", {"opts": {"all": True, "filters": ["nokey"]}})
+            assert r["parameters"]["parameter"] == "opts.filters[0]", r
+            r = raw("io.podman.Ps", {"opts": {"all": "yes"}})
+            assert r["parameters"]["parameter"] == "opts.all", r
             r = raw("io.podman.GetContainer", {"id": 42})
             assert r == {"error": "org.varlink.service.InvalidParameter",
                          "parameters": {"parameter": "id"}}, r
@@ -185,6 +194,110 @@ def _():
             assert r["error"] == "org.varlink.service.InterfaceNotFound", r
         finally:
             conn.close()
+
+
+def raw_call(method, params):
+    """One call on a fresh connection, bypassing the python client's own
+    argument checks (it refuses calls with missing arguments)."""
+    import json
+    with client() as c:
+        conn = c.open_connection()
+        try:
+            conn.sendall(json.dumps({"method": method, "parameters": params}).encode() + b"\0")
+            buf = b""
+            while not buf.endswith(b"\0"):
+                chunk = conn.recv(65536)
+                assert chunk, "connection closed"
+                buf += chunk
+            return json.loads(buf[:-1])
+        finally:
+            conn.close()
+
+
+def ok(reply):
+    assert "error" not in reply, reply
+    return reply["parameters"]
+
+
+@check("missing parameters take Podman 1.9.3's zero values")
+def _():
+    with client() as c, c.open("io.podman") as p:
+        cid = p.CreateContainer({"args": [IMAGE, "sleep", "600"]})["container"]
+        p.StartContainer(cid)
+        # timeout 0: stopped at once (sleep ignores nothing, but 0 means no grace).
+        assert ok(raw_call("io.podman.StopContainer", {"name": cid}))["container"] == cid
+        assert p.GetContainer(cid)["container"]["containerrunning"] is False
+        assert ok(raw_call("io.podman.WaitContainer", {"name": cid}))["exitcode"] != 0
+        assert ok(raw_call("io.podman.RemoveContainer", {"name": cid}))["container"] == cid
+        assert cid not in [x["id"] for x in p.ListContainers()["containers"]]
+        # force false by default: still an ImageNotFound, not InvalidParameter.
+        r = raw_call("io.podman.RemoveImage", {"name": "localhost/no-such-image:1"})
+        assert r["error"] == "io.podman.ImageNotFound", r
+        # A missing name is the empty name: not found, as 1.9.3 answered.
+        r = raw_call("io.podman.StartContainer", {})
+        assert r["error"] == "io.podman.ContainerNotFound", r
+        assert ok(raw_call("io.podman.ImageExists", {}))["exists"] == 1
+
+
+@check("CreateContainer of a missing image -> io.podman.ImageNotFound")
+def _():
+    with client() as c, c.open("io.podman") as p:
+        params = expect_error(
+            lambda: p.CreateContainer({"args": ["localhost/b2p-no-such-image:1", "true"]}),
+            "io.podman.ImageNotFound")
+        assert params["id"] == "localhost/b2p-no-such-image:1" and params["reason"], params
+        params = expect_error(
+            lambda: p.CreateContainer({"args": ["localhost/b2p-no-such-image:1", "true"],
+                                       "pull": "never"}),
+            "io.podman.ImageNotFound")
+        assert params["id"] == "localhost/b2p-no-such-image:1", params
+
+
+@check("ContainerExists, Ps, GetContainersByStatus, ListContainerMounts")
+def _():
+    with client() as c, c.open("io.podman") as p:
+        done = p.CreateContainer({"args": [IMAGE, "sh", "-c", "exit 4"],
+                                  "name": "b2p-conformance-done", "label": ["b2p=ps"]})["container"]
+        p.StartContainer(done)
+        assert p.WaitContainer(done, 100)["exitcode"] == 4
+        up = p.CreateContainer({"args": [IMAGE, "sleep", "600"],
+                                "name": "b2p-conformance-up"})["container"]
+        p.StartContainer(up)
+        try:
+            assert p.ContainerExists("b2p-conformance-done")["exists"] == 0
+            assert p.ContainerExists(done[:12])["exists"] == 0
+            assert p.ContainerExists("b2p-no-such-container")["exists"] == 1
+
+            running = p.Ps({"all": False})["containers"]
+            assert [x["names"] for x in running if x["id"] in (done[:12], up[:12])] \
+                == ["b2p-conformance-up"], running
+            line = next(x for x in running if x["names"] == "b2p-conformance-up")
+            assert line["id"] == up[:12] and line["state"] == "running", line
+            assert line["status"].startswith("Up ") and line["command"] == "sleep 600", line
+            assert line["pidNum"] > 0 and line["createdAt"].startswith("20"), line
+            every = p.Ps({"all": True, "noTrunc": True})["containers"]
+            ended = next(x for x in every if x["id"] == done)
+            assert ended["state"] == "exited" and ended["status"].startswith("Exited (4) "), ended
+            assert ended["labels"] == {"b2p": "ps"}, ended
+            named = p.Ps({"all": True, "filters": ["name=b2p-conformance-done"]})["containers"]
+            assert [x["id"] for x in named] == [done[:12]], named
+            latest = p.Ps({"all": False, "latest": True, "noTrunc": True})["containers"]
+            assert [x["id"] for x in latest] == [up], latest
+            quiet = p.Ps({"all": True, "quiet": True, "filters": ["label=b2p=ps"]})["containers"]
+            assert [(x["id"], x["image"]) for x in quiet] == [(done[:12], "")], quiet
+
+            exited = [x["id"] for x in p.GetContainersByStatus(["exited"])["containerS"]]
+            assert done in exited and up not in exited, exited
+            both = [x["id"] for x in p.GetContainersByStatus(["exited", "running"])["containerS"]]
+            assert done in both and up in both, both
+            expect_error(lambda: p.GetContainersByStatus(["sleeping"]), "io.podman.ErrorOccurred")
+
+            mounts = p.ListContainerMounts()["mounts"]
+            assert isinstance(mounts, dict), mounts
+            assert all(isinstance(v, str) and v for v in mounts.values()), mounts
+        finally:
+            p.RemoveContainer(up, True, False)
+            p.RemoveContainer(done, True, False)
 
 
 @check("PullImage streams more replies or fails with ErrorOccurred (no registry)")

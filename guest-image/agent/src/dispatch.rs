@@ -12,7 +12,9 @@ use crate::server::Progress;
 /// What GetInfo says about this service.
 pub const VENDOR: &str = "b2p";
 pub const PRODUCT: &str = "b2p-agent";
-pub const URL: &str = "https://github.com/boot2podman/boot2podman";
+/// This project has no public address yet: GetInfo names it and where its
+/// agent is documented rather than pointing at another project.
+pub const URL: &str = "b2p (boot2podman as a microVM): guest-image/agent/README.md";
 
 /// Everything a connection needs to serve calls.
 pub struct Agent {

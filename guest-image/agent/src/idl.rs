@@ -29,11 +29,19 @@ pub struct IdlError {
 #[error("invalid parameter {0}")]
 pub struct InvalidParameter(pub String);
 
+/// The interface whose missing parameters take their zero values, as Podman
+/// 1.9.3's Go server filled them (`RemoveContainer '{"name": "x"}'`).
+pub const ZERO_DEFAULTS: &str = "io.podman";
+
 /// One served interface: its name, IDL text and parsed form.
 pub struct Interface {
     pub name: &'static str,
     pub text: &'static str,
     idl: IDL<'static>,
+    /// A missing (or null) non-optional field is accepted and means its
+    /// zero value ("", 0, false, [], {}); a wrongly typed or unknown field is
+    /// still refused.
+    zero_defaults: bool,
 }
 
 impl Interface {
@@ -43,7 +51,8 @@ impl Interface {
     }
 
     /// Checks `params` against the input of `method`: every non-optional
-    /// field present with the declared type, no unknown field set.
+    /// field present (unless the interface takes zero values for missing
+    /// ones) with the declared type, no unknown field set.
     pub fn check_input(
         &self,
         method: &Method<'static>,
@@ -68,7 +77,7 @@ impl Interface {
         for Argument { name, vtype } in &def.elts {
             match obj.get(*name) {
                 None | Some(Value::Null) => {
-                    if !matches!(vtype, VTypeExt::Option(_)) {
+                    if !self.zero_defaults && !matches!(vtype, VTypeExt::Option(_)) {
                         return Err(InvalidParameter(path(name)));
                     }
                 }
@@ -172,7 +181,16 @@ impl Registry {
             })?;
             let name = idl.name;
             order.push(name);
-            interfaces.insert(name, Interface { name, text, idl });
+            let zero_defaults = name == ZERO_DEFAULTS;
+            interfaces.insert(
+                name,
+                Interface {
+                    name,
+                    text,
+                    idl,
+                    zero_defaults,
+                },
+            );
         }
         Ok(Self { interfaces, order })
     }
@@ -215,9 +233,19 @@ mod tests {
         assert!(p
             .check_input(m, &params(json!({"name": "x", "timeout": 3})))
             .is_ok());
+        // Missing parameters take their zero values (Podman 1.9.3's server).
+        assert!(p.check_input(m, &params(json!({"name": "x"}))).is_ok());
+        assert!(p.check_input(m, &params(json!({}))).is_ok());
+        assert!(p
+            .check_input(m, &params(json!({"name": "x", "timeout": null})))
+            .is_ok());
         assert_eq!(
-            p.check_input(m, &params(json!({"name": "x"}))),
+            p.check_input(m, &params(json!({"name": "x", "timeout": "3"}))),
             Err(InvalidParameter("timeout".into()))
+        );
+        assert_eq!(
+            p.check_input(m, &params(json!({"name": "x", "signal": 9}))),
+            Err(InvalidParameter("signal".into()))
         );
         assert_eq!(
             p.check_input(m, &params(json!({"name": 1, "timeout": 3}))),
@@ -245,9 +273,19 @@ mod tests {
             p.check_input(c, &params(json!({"create": {"args": ["img", 3]}}))),
             Err(InvalidParameter("create.args[1]".into()))
         );
+        // A missing args is an empty list: CreateContainer refuses it later
+        // (create::plan), naming create.args.
+        assert!(p.check_input(c, &params(json!({"create": {}}))).is_ok());
+    }
+
+    #[test]
+    fn other_interfaces_still_require_every_parameter() {
+        let r = Registry::new().unwrap();
+        let s = r.get("org.varlink.service").unwrap();
+        let m = s.method("GetInterfaceDescription").unwrap();
         assert_eq!(
-            p.check_input(c, &params(json!({"create": {}}))),
-            Err(InvalidParameter("create.args".into()))
+            s.check_input(m, &params(json!({}))),
+            Err(InvalidParameter("interface".into()))
         );
     }
 }

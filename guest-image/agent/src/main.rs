@@ -18,13 +18,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use log::info;
+use log::{info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use dispatch::Agent;
 use machine::{Machine, MachineConfig};
 use podman::rest::PodmanService;
 use podman::Podman;
+
+/// How long `--podman-at-start` waits for Podman before listening anyway.
+const PODMAN_START_WAIT: Duration = Duration::from_secs(60);
 
 /// The b2p guest agent: varlink for io.podman and io.b2p.Machine, and a
 /// forwarder to Podman's REST API.
@@ -59,7 +62,8 @@ struct Args {
     /// Never start the REST service; only use a running one.
     #[arg(long)]
     no_podman_autostart: bool,
-    /// Start the REST service now rather than on first use.
+    /// Start the REST service now rather than on first use, and open the
+    /// ports once it answers (at most a minute later).
     #[arg(long)]
     podman_at_start: bool,
     /// The init's boot milestones file (`NAME UPTIME` lines).
@@ -101,6 +105,26 @@ async fn run(args: Args) -> Result<()> {
             .collect(),
     });
     let agent = Arc::new(Agent::new(registry, podman, machine));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    if args.podman_at_start {
+        // Podman first, then the ports: a host that reaches the agent
+        // reaches a Podman that answers. A Podman that does not come up
+        // does not keep the agent (status, Shutdown) away for long.
+        info!("starting podman's service before listening");
+        tokio::select! {
+            r = agent.podman().warm_up(PODMAN_START_WAIT) => match r {
+                Ok(()) => {
+                    agent.machine().milestone("podman-ready");
+                    info!("podman answers");
+                }
+                Err(e) => warn!("podman's service is not ready ({e}); listening anyway"),
+            },
+            _ = term.recv() => return stop(&agent, &[], "SIGTERM").await,
+            _ = int.recv() => return stop(&agent, &[], "SIGINT").await,
+        }
+    }
 
     let guest_defaults = args.unix.is_none() && args.forward_unix.is_none();
     let vsock_port = args.vsock_port.or(guest_defaults.then_some(1024));
@@ -162,23 +186,17 @@ async fn run(args: Args) -> Result<()> {
         ));
     }
     agent.machine().milestone("agent-listening");
-    if args.podman_at_start {
-        let agent = agent.clone();
-        tasks.spawn(async move {
-            if podman::warm_up(agent.podman().service(), Duration::from_secs(120)).await {
-                agent.machine().milestone("podman-ready");
-            } else {
-                log::warn!("podman service did not come up");
-            }
-        });
-    }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: exiting"),
-        _ = int.recv() => info!("SIGINT: exiting"),
-    }
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    stop(&agent, &sockets, why).await
+}
+
+/// Stops the podman service this agent started and removes its sockets.
+async fn stop(agent: &Agent, sockets: &[PathBuf], why: &str) -> Result<()> {
+    info!("{why}: exiting");
     agent.podman().service().stop_started().await;
     for path in sockets {
         let _ = std::fs::remove_file(path);

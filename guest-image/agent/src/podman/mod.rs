@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod create;
+pub mod ps;
 pub mod rest;
 
 use std::time::Duration;
@@ -103,7 +104,15 @@ impl Podman {
             "GetVersion" => self.get_version().await,
             "GetInfo" => self.get_info().await,
             "ListContainers" => self.list_containers().await,
+            "Ps" => {
+                let none = Map::new();
+                let opts = p.get("opts").and_then(Value::as_object).unwrap_or(&none);
+                self.ps(opts).await
+            }
+            "GetContainersByStatus" => self.by_status(p.get("status")).await,
             "GetContainer" => self.get_container(str_param(p, "id")).await,
+            "ContainerExists" => self.container_exists(str_param(p, "name")).await,
+            "ListContainerMounts" => self.container_mounts().await,
             "CreateContainer" => self.create_container(p).await,
             "InspectContainer" => self
                 .inspect(str_param(p, "name"))
@@ -195,6 +204,90 @@ impl Podman {
         Ok(json!({"containers": list}))
     }
 
+    async fn ps(&self, opts: &Map<String, Value>) -> Result<Value, VarlinkError> {
+        let q = ps::query(opts).map_err(|e| VarlinkError::invalid_parameter(&e.0))?;
+        let v = self
+            .rest
+            .json(
+                Method::GET,
+                &format!("{API}/containers/json?{}", q.query),
+                None,
+            )
+            .await
+            .map_err(plain)?;
+        let mut list = v.as_array().cloned().unwrap_or_default();
+        if let Some(key) = &q.sort {
+            ps::sort(&mut list, key);
+        }
+        let list: Vec<Value> = list
+            .iter()
+            .map(|c| ps::container(c, q.no_trunc, q.quiet))
+            .collect();
+        Ok(json!({"containers": list}))
+    }
+
+    async fn by_status(&self, status: Option<&Value>) -> Result<Value, VarlinkError> {
+        let wanted: Vec<&str> = status
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(bad) = wanted.iter().find(|s| !ps::STATES.contains(s)) {
+            return Err(error_occurred(format!(
+                "unknown container state {bad:?} (one of {})",
+                ps::STATES.join(", ")
+            )));
+        }
+        // Any of the states (an empty list: every container, as 1.9.3).
+        let list: Vec<Value> = self
+            .raw_containers()
+            .await?
+            .iter()
+            .filter(|c| {
+                let state = c.get("State").and_then(Value::as_str).unwrap_or_default();
+                wanted.is_empty() || wanted.contains(&state)
+            })
+            .map(convert::container)
+            .collect();
+        Ok(json!({"containerS": list}))
+    }
+
+    async fn container_exists(&self, name: &str) -> Result<Value, VarlinkError> {
+        if name.is_empty() {
+            return Ok(json!({"exists": 1}));
+        }
+        let exists = match self
+            .rest
+            .call(
+                Method::GET,
+                &format!("{API}/containers/{}/exists", encode(name)),
+                None,
+            )
+            .await
+        {
+            Ok(_) => true,
+            Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => false,
+            Err(e) => return Err(plain(e)),
+        };
+        Ok(json!({"exists": if exists { 0 } else { 1 }}))
+    }
+
+    async fn container_mounts(&self) -> Result<Value, VarlinkError> {
+        let v = self
+            .rest
+            .json(Method::GET, &format!("{API}/containers/showmounted"), None)
+            .await
+            .map_err(plain)?;
+        let mounts: Map<String, Value> = v
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|p| (k.clone(), Value::from(p))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(json!({"mounts": mounts}))
+    }
+
     async fn get_container(&self, id: &str) -> Result<Value, VarlinkError> {
         let not_found = || {
             VarlinkError::new(
@@ -229,6 +322,14 @@ impl Podman {
     }
 
     async fn inspect(&self, name: &str) -> Result<Value, VarlinkError> {
+        // An empty name (a missing parameter) names no container; as a
+        // path segment it would name the collection.
+        if name.is_empty() {
+            return Err(VarlinkError::new(
+                format!("{IFACE}.ContainerNotFound"),
+                json!({"id": name, "reason": "no container name or ID given"}),
+            ));
+        }
         self.rest
             .json(
                 Method::GET,
@@ -252,13 +353,38 @@ impl Podman {
         let empty = Map::new();
         let c = p.get("create").and_then(Value::as_object).unwrap_or(&empty);
         let plan = create::plan(c).map_err(|e| VarlinkError::invalid_parameter(&e.0))?;
+        let not_found = |why: String| {
+            VarlinkError::new(
+                format!("{IFACE}.ImageNotFound"),
+                json!({"id": plan.image, "reason": why}),
+            )
+        };
         let pull = match plan.pull {
             create::PullPolicy::Always => true,
-            create::PullPolicy::Never => false,
+            create::PullPolicy::Never => {
+                if !self.exists(&plan.image).await? {
+                    return Err(not_found("not in the local store (pull: never)".into()));
+                }
+                false
+            }
             create::PullPolicy::Missing => !self.exists(&plan.image).await?,
         };
         if pull {
-            self.pull(&plan.image, &Value::Null, None).await?;
+            if let Err(e) = self.pull(&plan.image, &Value::Null, None).await {
+                // An image that is not here and cannot be pulled is not
+                // found; a failed re-pull of a local image stays an error.
+                if plan.pull == create::PullPolicy::Missing || !self.exists(&plan.image).await? {
+                    let why = e
+                        .parameters
+                        .get("reason")
+                        .and_then(Value::as_str)
+                        .unwrap_or("pull failed");
+                    return Err(not_found(format!(
+                        "not in the local store, and pulling it failed: {why}"
+                    )));
+                }
+                return Err(e);
+            }
         }
         let v = self
             .rest
@@ -516,9 +642,15 @@ impl Podman {
     }
 }
 
-/// Waits for the service to answer (used at boot), up to `timeout`.
-pub async fn warm_up(service: &PodmanService, timeout: Duration) -> bool {
-    tokio::time::timeout(timeout, service.connect())
-        .await
-        .is_ok_and(|r| r.is_ok())
+impl Podman {
+    /// Starts the service if needed and waits, up to `timeout`, until it
+    /// answers GetVersion (whose answer is then cached): used at boot, so
+    /// that the first call from the host finds Podman ready.
+    pub async fn warm_up(&self, timeout: Duration) -> Result<(), String> {
+        match tokio::time::timeout(timeout, self.get_version()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{}: {}", e.name, e.parameters)),
+            Err(_) => Err(format!("no answer in {} s", timeout.as_secs())),
+        }
+    }
 }

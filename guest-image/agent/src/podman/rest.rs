@@ -173,13 +173,18 @@ impl PodmanService {
             bin.display(),
             self.socket.display()
         );
-        tokio::process::Command::new(bin)
+        let mut child = tokio::process::Command::new(bin)
             .args(["system", "service", "--time=0"])
             .arg(format!("unix://{}", self.socket.display()))
             .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(false)
             .spawn()
-            .map_err(|e| RestError::Start(format!("{}: {e}", bin.display())))
+            .map_err(|e| RestError::Start(format!("{}: {e}", bin.display())))?;
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(relay_stderr(err));
+        }
+        Ok(child)
     }
 
     /// Sends one request on a fresh connection and returns the response with
@@ -272,6 +277,36 @@ impl PodmanService {
     }
 }
 
+/// Whether a line of Podman's service log is one of the warnings it prints
+/// for every hijacked connection (attach, exec, `podman --remote run`):
+/// "IdleTracker: StateClosed transition by connection marked un-managed".
+pub fn is_per_connection_noise(line: &str) -> bool {
+    line.contains("IdleTracker")
+}
+
+/// Copies the service's stderr into the agent's log, line by line, without
+/// its per-connection noise (counted, and the count logged now and then).
+async fn relay_stderr(err: tokio::process::ChildStderr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(err).lines();
+    let mut dropped: u64 = 0;
+    while let Ok(Some(line)) = lines.next_line().await {
+        if is_per_connection_noise(&line) {
+            dropped += 1;
+            if dropped == 1 {
+                info!("podman: its per-connection IdleTracker warnings are left out of this log");
+            } else if dropped.is_power_of_two() && dropped >= 1024 {
+                info!("podman: {dropped} IdleTracker warnings left out of this log so far");
+            }
+            continue;
+        }
+        warn!("podman: {line}");
+    }
+    if dropped > 0 {
+        info!("podman: its service ended; {dropped} IdleTracker warnings were left out");
+    }
+}
+
 /// Podman's error text from an error body (`{"cause","message","response"}`).
 pub fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)
@@ -304,6 +339,16 @@ mod tests {
             "localhost%2Fbusybox%3Alatest"
         );
         assert_eq!(encode("a b"), "a%20b");
+    }
+
+    #[test]
+    fn idle_tracker_warnings_are_noise() {
+        assert!(is_per_connection_noise(
+            r#"time="2026-12-01T22:00:00Z" level=warning msg="IdleTracker: StateClosed transition by connection marked un-managed""#
+        ));
+        assert!(!is_per_connection_noise(
+            r#"time="2026-12-01T22:00:00Z" level=error msg="cannot find network""#
+        ));
     }
 
     #[test]
