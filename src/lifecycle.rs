@@ -298,16 +298,21 @@ pub fn wait_for_agent(m: &Machine, limit: Duration) -> Result<Duration> {
 /// The body of `b2p __run-vm NAME`: runs the machine's VM in this process
 /// until the guest shuts down or SIGTERM/SIGINT arrives.
 pub fn run_vm(m: &Machine) -> Result<()> {
+    // The same per-thread filters as `b2p-vmm run`. This thread's own goes
+    // on once the VM is built, right after the pid file is written (the
+    // filter allows no open): the file says "running" before the guest runs.
+    b2p_vmm::seccomp::set_mode(b2p_vmm::seccomp::Mode::Process);
     let signals = StopSignals::block().context("blocking SIGINT/SIGTERM")?;
     let config = m.load()?;
+    let pid_path = m.pid_path();
+    b2p_vmm::seccomp::before_guest_starts(move || {
+        write_atomic(&pid_path, format!("{}\n", std::process::id()).as_bytes())
+            .map_err(|e| format!("{e:#}"))
+    });
     let vm = Vm::start(vm_config(m, &config, true)?)?;
     signals
         .stop_vm_on_signal(vm.stop_handle())
         .context("spawning the signal thread")?;
-    write_atomic(
-        &m.pid_path(),
-        format!("{}\n", std::process::id()).as_bytes(),
-    )?;
     let exit = vm.wait();
     let _ = std::fs::remove_file(m.pid_path());
     let exit = exit?;

@@ -560,3 +560,185 @@ fn vsock_socket_path_taken() {
     assert_clean_error(test, &out, &["not a socket"]);
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me\n");
 }
+
+/// `run_vmm` with a shorter deadline, for cases that used to hang.
+fn run_vmm_within(c: &Case, args: &[String], limit: Duration) -> Outcome {
+    let mut cmd = vmm_command(&c.vmm);
+    cmd.args(args);
+    run_with_deadline(cmd, limit)
+}
+
+/// A kernel cut short that faults before it prints anything is an error
+/// naming the kernel, not a clean exit.
+#[test]
+fn truncated_kernel() {
+    let test = "truncated_kernel";
+    let Some(c) = device_case(test) else { return };
+    let whole = std::fs::read(&c.kernel).unwrap();
+    let half = write_file(&c.dir, "probe-half.bzImage", &whole[..whole.len() / 2]);
+    let out = run_vmm(&c, &run_args(&half, &c.initrd, &["--console", "none"]));
+    assert_clean_error(test, &out, &["probe-half.bzImage"]);
+    assert!(out.stderr.contains("triple-fault"), "{}", out.describe());
+}
+
+/// A disk must be a regular file of at least one sector, or a block device.
+#[test]
+fn disk_that_is_a_directory_empty_or_a_fifo() {
+    let test = "disk_that_is_a_directory_empty_or_a_fifo";
+    let c = case(test);
+    let dir = c.dir.join("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    let empty = write_file(&c.dir, "empty.img", b"");
+    let fifo = c.dir.join("disk.fifo");
+    mkfifo(&fifo);
+    for (disk, ro, want) in [
+        (&dir, ",ro", "is a directory"),
+        (&dir, "", "is a directory"),
+        (&empty, "", "0 bytes"),
+        (&fifo, "", "not a regular file"),
+    ] {
+        let arg = format!("{}{ro}", disk.display());
+        let out = run_vmm_within(
+            &c,
+            &run_args(&c.kernel, &c.initrd, &["--disk", &arg, "--console", "none"]),
+            Duration::from_secs(15),
+        );
+        assert_clean_error(test, &out, &[want]);
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// A FIFO as the console (nobody reads it), the kernel or the initrd must
+/// not hang setup in open(2).
+#[test]
+fn fifo_inputs_do_not_hang() {
+    let test = "fifo_inputs_do_not_hang";
+    let c = case(test);
+    let fifo = c.dir.join("a.fifo");
+    mkfifo(&fifo);
+    let f = fifo.display().to_string();
+    let limit = Duration::from_secs(15);
+    let out = run_vmm_within(
+        &c,
+        &run_args(&c.kernel, &c.initrd, &["--console", &format!("file:{f}")]),
+        limit,
+    );
+    assert_clean_error(test, &out, &["FIFO"]);
+    let out = run_vmm_within(&c, &run_args(&fifo, &c.initrd, &[]), limit);
+    assert_clean_error(test, &out, &["not a regular file"]);
+    let out = run_vmm_within(&c, &run_args(&c.kernel, &fifo, &[]), limit);
+    assert_clean_error(test, &out, &["not a regular file"]);
+}
+
+/// This host's RAM in MiB (MemTotal).
+fn host_ram_mib() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("no MemTotal in /proc/meminfo");
+    kib >> 10
+}
+
+/// More guest memory than the host has RAM is refused (below the 1 TiB
+/// limit, so it is the host check that refuses it).
+#[test]
+fn memory_larger_than_the_host() {
+    let test = "memory_larger_than_the_host";
+    let c = case(test);
+    let mib = (host_ram_mib() + 1024).to_string();
+    let out = run_vmm(&c, &run_args(&c.kernel, &c.initrd, &["--memory", &mib]));
+    assert_clean_error(test, &out, &["host's RAM"]);
+}
+
+/// A socket path that cannot fit a Unix socket address is refused before
+/// anything is built.
+#[test]
+fn socket_path_too_long() {
+    let test = "socket_path_too_long";
+    let c = case(test);
+    let deep = c.dir.join(&"d".repeat(100));
+    let out = run_vmm(
+        &c,
+        &run_args(
+            &c.kernel,
+            &c.initrd,
+            &[
+                "--vsock",
+                &format!("cid=3,uds={}", deep.join("v.sock").display()),
+            ],
+        ),
+    );
+    assert_clean_error(test, &out, &["too long"]);
+}
+
+/// SIGHUP, SIGQUIT, SIGTERM and SIGINT each stop a running VM cleanly:
+/// exit status 0, not death by the signal, and its sockets removed.
+#[test]
+fn every_stop_signal_tears_down() {
+    let test = "every_stop_signal_tears_down";
+    let Some(c) = device_case(test) else { return };
+    for sig in [libc::SIGHUP, libc::SIGQUIT, libc::SIGTERM, libc::SIGINT] {
+        let log = c.dir.join(&format!("console-{sig}.log"));
+        let uds = c.dir.join(&format!("v{sig}.sock"));
+        let port = c.dir.join(&format!("p{sig}.sock"));
+        let mut args = run_args(
+            &c.kernel,
+            &c.initrd,
+            &[
+                "--console",
+                &format!("file:{}", log.display()),
+                "--vsock",
+                &format!("cid=3,uds={}", uds.display()),
+                "--vsock-port",
+                &format!("1024={}", port.display()),
+            ],
+        );
+        if let Some(i) = args.iter().position(|a| a == "--cmdline") {
+            args[i + 1] = "console=ttyS0 probe.hold_ms=30000".into();
+        }
+        let mut cmd = vmm_command(&c.vmm);
+        cmd.args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !(uds.exists()
+            && port.exists()
+            && std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("probe: holding"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{test}: the VM never came up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{test}: signal {sig} did not stop the VM within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(0), "{test}: signal {sig}: {status:?}");
+        assert!(
+            !uds.exists() && !port.exists(),
+            "{test}: signal {sig} left the sockets behind"
+        );
+    }
+}

@@ -2,8 +2,10 @@
 //! open the host inputs (fail before touching KVM), create the VM and its
 //! memory, load the guest image, create the devices, create the vCPUs.
 
-use std::fs::File;
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use b2p_boot::acpi::VirtioMmioSlot;
@@ -53,9 +55,56 @@ pub struct HostInputs {
     pub console: OpenedConsole,
 }
 
+/// Opens a kernel or initrd without blocking (a FIFO must not hang setup)
+/// and checks that it is a regular file.
+fn open_image(path: &Path) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    // Reads of a regular file never block; clear the flag anyway.
+    // SAFETY: fcntl on an fd we own; no memory is passed.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) };
+    Ok(f)
+}
+
+/// Refuses a disk that cannot be one before the device opens it (a FIFO
+/// would hang the open, a directory has no sectors): a regular file of at
+/// least one sector, or a block device.
+fn check_disk(path: &Path) -> Result<()> {
+    let bad = |reason: String| Error::Disk {
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        return Err(bad("is a directory, not a disk image".into()));
+    }
+    if kind.is_block_device() {
+        return Ok(());
+    }
+    if !kind.is_file() {
+        return Err(bad("is not a regular file or block device".into()));
+    }
+    if meta.len() < 512 {
+        return Err(bad(format!(
+            "is {} bytes, less than one 512-byte sector (make it with truncate -s SIZE)",
+            meta.len()
+        )));
+    }
+    Ok(())
+}
+
 impl HostInputs {
     pub fn open(config: &VmConfig) -> Result<Self> {
-        let mut kernel = File::open(&config.kernel).map_err(|source| Error::KernelOpen {
+        let mut kernel = open_image(&config.kernel).map_err(|source| Error::KernelOpen {
             path: config.kernel.clone(),
             source,
         })?;
@@ -70,7 +119,7 @@ impl HostInputs {
                     path: path.clone(),
                     source,
                 };
-                let f = File::open(path).map_err(open_err)?;
+                let f = open_image(path).map_err(open_err)?;
                 let size = f.metadata().map_err(open_err)?.len();
                 if size > config.memory_bytes() {
                     return Err(Error::InitrdLargerThanMemory {
@@ -82,6 +131,9 @@ impl HostInputs {
                 Some((path.clone(), f, size))
             }
         };
+        for d in &config.disks {
+            check_disk(&d.path)?;
+        }
         let disks: Vec<PathBuf> = config.disks.iter().map(|d| d.path.clone()).collect();
         let console = console::open_output(&config.console, &disks)?;
         Ok(HostInputs {
@@ -186,6 +238,25 @@ pub struct Devices {
     pub input_ready: Option<EventFd>,
 }
 
+/// Sets the process umask to 0177 (files and sockets 0600) until dropped.
+/// The umask is process-wide: files another thread of an embedding program
+/// creates meanwhile get it too (more private, never less).
+struct PrivateUmask(libc::mode_t);
+
+impl PrivateUmask {
+    fn set() -> Self {
+        // SAFETY: umask only swaps the process's file-creation mask.
+        PrivateUmask(unsafe { libc::umask(0o177) })
+    }
+}
+
+impl Drop for PrivateUmask {
+    fn drop(&mut self) {
+        // SAFETY: as in `set`.
+        unsafe { libc::umask(self.0) };
+    }
+}
+
 /// Legacy devices, virtio devices, the console's output flusher, and the
 /// ACPI tables that announce them.
 pub fn create_devices(
@@ -220,7 +291,13 @@ pub fn create_devices(
         let flusher: Subscriber = Arc::new(Mutex::new(ConsoleFlusher::new(serial.clone())?));
         event_manager.add_subscriber(flusher);
     }
-    virtio::add_devices(config, vm_fd, mem, &mut event_manager, &mut manager)?;
+    {
+        // The vsock sockets are bound 0600 whatever the caller's umask:
+        // bind(2) creates them with this mask applied, so there is no
+        // moment at which another user could connect.
+        let _private = PrivateUmask::set();
+        virtio::add_devices(config, vm_fd, mem, &mut event_manager, &mut manager)?;
+    }
     b2p_boot::acpi::write_tables(mem, config.vcpus, &manager.virtio_slots)?;
     Ok(Devices {
         manager,

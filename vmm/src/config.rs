@@ -162,6 +162,13 @@ impl VmConfig {
                 return Err(ConfigError::VsockCid(v.cid));
             }
         }
+        if let Some(v) = &self.vsock {
+            // Guest-initiated connections go to `<uds>_<port>`.
+            check_socket_path(&v.uds_path, "_4294967295".len())?;
+        }
+        for (_, path) in &self.vsock_ports {
+            check_socket_path(path, 0)?;
+        }
         if !self.vsock_ports.is_empty() && self.vsock.is_none() {
             return Err(ConfigError::VsockPortWithoutVsock);
         }
@@ -174,6 +181,55 @@ impl VmConfig {
     }
 }
 
+/// The longest path a Unix socket address holds (sun_path less its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// `path`, plus `suffix` more bytes, must fit a Unix socket address.
+fn check_socket_path(path: &std::path::Path, suffix: usize) -> Result<(), ConfigError> {
+    let len = path.as_os_str().len() + suffix;
+    if len > MAX_SOCKET_PATH {
+        return Err(ConfigError::SocketPathTooLong {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    Ok(())
+}
+
+impl VmConfig {
+    /// Guest memory against this host's RAM (/proc/meminfo): more than
+    /// MemTotal is refused (the guest would be killed, or the host swap,
+    /// as soon as it used it); more than MemAvailable gets a warning.
+    pub fn check_host_memory(&self) -> Result<(), ConfigError> {
+        let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+            return Ok(());
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kib| kib >> 10)
+        };
+        if let Some(total) = field("MemTotal:") {
+            if self.memory_mib > total {
+                return Err(ConfigError::MemoryMoreThanHost {
+                    mib: self.memory_mib,
+                    host_mib: total,
+                });
+            }
+        }
+        if let Some(avail) = field("MemAvailable:") {
+            if self.memory_mib > avail {
+                log::warn!(
+                    "--memory {} MiB is more than this host has available now ({avail} MiB)",
+                    self.memory_mib
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A config that cannot work, found before touching the host.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -181,6 +237,8 @@ pub enum ConfigError {
     MemoryTooSmall(u64),
     #[error("--memory {0} MiB is too large (at most {MAX_MEMORY_MIB} MiB)")]
     MemoryTooLarge(u64),
+    #[error("--memory {mib} MiB is more than this host's RAM ({host_mib} MiB)")]
+    MemoryMoreThanHost { mib: u64, host_mib: u64 },
     #[error("--cpus {0} is out of range (1 to {MAX_VCPUS})")]
     Vcpus(usize),
     #[error("the command line contains a NUL byte")]
@@ -191,6 +249,8 @@ pub enum ConfigError {
     DiskTwice(PathBuf),
     #[error("vsock CID {0} is reserved (use 3 or more)")]
     VsockCid(u32),
+    #[error("socket path {} is too long for a Unix socket ({len} bytes with what is appended, at most {MAX_SOCKET_PATH})", path.display())]
+    SocketPathTooLong { path: PathBuf, len: usize },
     #[error("--vsock-port needs --vsock")]
     VsockPortWithoutVsock,
     #[error("vsock port {0} is given twice")]
@@ -310,6 +370,34 @@ mod tests {
         });
         c.vsock_ports.push((1024, "/y".into()));
         assert_eq!(c.validate(), Err(ConfigError::VsockPortTwice(1024)));
+        // Socket paths: 107 bytes at most, the hybrid socket's with `_PORT`.
+        let mut c = ok.clone();
+        let long = format!("/{}", "s".repeat(106));
+        c.vsock_ports = vec![(1024, long.clone().into())];
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds_path: "/v".into(),
+        });
+        assert_eq!(c.validate(), Ok(()));
+        c.vsock_ports = vec![(1024, format!("{long}x").into())];
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::SocketPathTooLong { len: 108, .. })
+        ));
+        c.vsock_ports.clear();
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds_path: format!("/{}", "v".repeat(95)).into(),
+        });
+        assert_eq!(c.validate(), Ok(()));
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds_path: format!("/{}", "v".repeat(96)).into(),
+        });
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::SocketPathTooLong { len: 108, .. })
+        ));
     }
 
     #[test]

@@ -142,9 +142,58 @@ pub fn open_output(console: &Console, disks: &[PathBuf]) -> Result<OpenedConsole
             return Err(err(e));
         }
         opened.truncate = Some(file.try_clone().map_err(err)?);
+        opened.output = Some(ConsoleOutput::Writer(Box::new(CappedFile::new(
+            file,
+            CONSOLE_FILE_MAX,
+        ))));
+        return Ok(opened);
     }
     opened.output = Some(ConsoleOutput::File(file));
     Ok(opened)
+}
+
+/// A console file (a regular one) holds at most this much guest output;
+/// the rest is dropped after one marker line (a cap, not a rotation: it
+/// needs no syscall but write(2) on the threads that write the console).
+pub const CONSOLE_FILE_MAX: u64 = 16 << 20;
+
+/// The line written where the output was cut.
+const CAP_MARKER: &[u8] = b"\n[b2p: console output cut here: this file holds at most 16 MiB]\n";
+
+/// A file that takes at most `left` more bytes of output, then drops the rest.
+pub struct CappedFile<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W: std::io::Write> CappedFile<W> {
+    pub fn new(inner: W, max: u64) -> Self {
+        CappedFile { inner, left: max }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for CappedFile<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // Dropped: the guest must not see an error (or stall) for it.
+            return Ok(buf.len());
+        }
+        let room = usize::try_from(self.left).unwrap_or(usize::MAX);
+        if buf.len() <= room {
+            let n = self.inner.write(buf)?;
+            self.left -= n as u64;
+            return Ok(n);
+        }
+        self.inner.write_all(&buf[..room])?;
+        self.left = 0;
+        self.inner.write_all(CAP_MARKER)?;
+        log::warn!("console file: the guest wrote more than 16 MiB; dropping the rest");
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Whether stdin is a terminal we should read from: a tty whose foreground
@@ -321,5 +370,92 @@ impl MutEventSubscriber for ConsoleFlusher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flush_output();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn capped_file_keeps_the_first_bytes_then_one_marker() {
+        let mut w = CappedFile::new(Vec::new(), 10);
+        assert_eq!(w.write(b"12345").unwrap(), 5);
+        assert_eq!(w.write(b"6789abcdef").unwrap(), 10);
+        for _ in 0..1000 {
+            assert_eq!(w.write(b"more output").unwrap(), 11);
+        }
+        let mut want = b"123456789a".to_vec();
+        want.extend_from_slice(CAP_MARKER);
+        assert_eq!(w.inner, want);
+    }
+
+    #[test]
+    fn the_cap_is_what_the_marker_says() {
+        assert_eq!(CONSOLE_FILE_MAX, 16 << 20);
+        assert!(String::from_utf8_lossy(CAP_MARKER).contains("16 MiB"));
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("b2p-console-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_new_console_file_is_private_and_removed_when_the_vm_is_not_built() {
+        let d = scratch("new");
+        let path = d.join("console.log");
+        // SAFETY: umask only changes this process's file-creation mask.
+        let old = unsafe { libc::umask(0) };
+        let opened = open_output(&Console::File(path.clone()), &[]).unwrap();
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(opened);
+        assert!(
+            !path.exists(),
+            "an uncommitted console file was left behind"
+        );
+        let mut opened = open_output(&Console::File(path.clone()), &[]).unwrap();
+        opened.commit().unwrap();
+        drop(opened);
+        assert!(path.exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_existing_file_is_emptied_only_at_commit_and_locked() {
+        let d = scratch("existing");
+        let path = d.join("console.log");
+        std::fs::write(&path, b"the last boot").unwrap();
+        let mut opened = open_output(&Console::File(path.clone()), &[]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"the last boot");
+        match open_output(&Console::File(path.clone()), &[]) {
+            Err(Error::ConsoleInUse { .. }) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a second VM got the same console file"),
+        }
+        opened.commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_fifo_without_reader_is_refused_at_once() {
+        let d = scratch("fifo");
+        let path = d.join("console.fifo");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        match open_output(&Console::File(path.clone()), &[]) {
+            Err(Error::ConsoleFifo { .. }) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened a FIFO nobody reads"),
+        }
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

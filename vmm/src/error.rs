@@ -74,6 +74,10 @@ pub enum Error {
     ConsoleSymlink { path: PathBuf },
     #[error("console file {} is a FIFO that nobody reads", path.display())]
     ConsoleFifo { path: PathBuf },
+    #[error("disk {}: {reason}", path.display())]
+    Disk { path: PathBuf, reason: String },
+    #[error("the guest triple-faulted before it wrote to its console: is {} a complete kernel for x86_64?", kernel.display())]
+    TripleFaultBeforeOutput { kernel: PathBuf },
     #[error("terminal")]
     Terminal(#[source] std::io::Error),
     #[error("device setup: {0}")]

@@ -28,7 +28,8 @@
 //! `virtio` (device construction), `event_loop`, `console`, `vm`
 //! (orchestration and lifecycle), [`cli`] (argument parsers shared with the
 //! manager), [`image`] (where the default guest image is), [`signals`]
-//! (SIGINT/SIGTERM stop the VM), [`seccomp`] (per-thread filters).
+//! (SIGINT/SIGTERM stop the VM), [`logger`] (the binaries' stderr logger),
+//! [`seccomp`] (per-thread filters).
 
 mod builder;
 pub mod cli;
@@ -39,6 +40,7 @@ mod error;
 mod event_loop;
 pub mod image;
 mod kvm;
+pub mod logger;
 pub mod seccomp;
 pub mod signals;
 mod vcpu;

@@ -46,6 +46,8 @@ pub enum SeccompError {
     Handler(std::io::Error),
     #[error("no seccomp filter for device thread role {0:?}")]
     UnknownRole(String),
+    #[error("{0}")]
+    BeforeGuest(String),
 }
 
 /// How much of the process the filters cover.
@@ -329,9 +331,11 @@ fn rules_for(role: Role) -> Result<Rules, String> {
         }
         Role::Main => {
             // Waiting for the guest, kicking and joining the vCPUs,
-            // restoring the terminal, spawning the signal thread (which
-            // inherits this filter and waits in rt_sigtimedwait), and the
-            // manager's pid file (created write-only, renamed, removed).
+            // restoring the terminal, removing the manager's pid file, and
+            // spawning the signal thread (which inherits this filter and
+            // waits in rt_sigtimedwait). No open, rename or socket: what
+            // must be written before the guest runs goes in
+            // [`before_guest_starts`].
             allow(
                 &mut r,
                 &[
@@ -339,16 +343,7 @@ fn rules_for(role: Role) -> Result<Rules, String> {
                     libc::SYS_set_robust_list,
                     libc::SYS_rseq,
                     libc::SYS_rt_sigtimedwait,
-                    libc::SYS_rename,
-                    libc::SYS_renameat,
-                    libc::SYS_renameat2,
                     libc::SYS_unlink,
-                    libc::SYS_unlinkat,
-                    libc::SYS_fstat,
-                    libc::SYS_statx,
-                    libc::SYS_newfstatat,
-                    libc::SYS_fsync,
-                    libc::SYS_fdatasync,
                 ],
             );
             r.insert(
@@ -360,12 +355,6 @@ fn rules_for(role: Role) -> Result<Rules, String> {
                 )?])?],
             );
             r.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64])?);
-            let wronly_create = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64;
-            let access = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
-            r.insert(
-                libc::SYS_openat,
-                vec![rule(vec![cond(2, Op::MaskedEq(access), wronly_create)?])?],
-            );
             r.insert(
                 libc::SYS_ioctl,
                 arg_in(1, &[TCGETS, TCSETS, TCSETSW, TCSETSF])?,
@@ -419,6 +408,30 @@ fn filters() -> Result<&'static Filters, SeccompError> {
             role: "every",
             reason: reason.clone(),
         })
+}
+
+/// What the thread calling [`crate::Vm::start`] does last before its own
+/// filter goes on and the guest starts (once, in every mode).
+type BeforeGuest = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+static BEFORE_GUEST: Mutex<Option<BeforeGuest>> = Mutex::new(None);
+
+/// Registers `f` to run on the thread calling [`crate::Vm::start`] once the
+/// VM is built, just before that thread's filter is installed and the guest
+/// runs (e.g. the manager writes its pid file there: the main filter allows
+/// no open). Its error fails `Vm::start`.
+pub fn before_guest_starts(f: impl FnOnce() -> Result<(), String> + Send + 'static) {
+    *BEFORE_GUEST.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(f));
+}
+
+/// Runs the [`before_guest_starts`] hook, if any, then installs the main
+/// thread's filter ([`Mode::Process`] only).
+pub(crate) fn enter_main() -> Result<(), SeccompError> {
+    let hook = BEFORE_GUEST.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(f) = hook {
+        f().map_err(SeccompError::BeforeGuest)?;
+    }
+    apply(Role::Main)
 }
 
 /// Compiles the filters and installs the SIGSYS handler and the device

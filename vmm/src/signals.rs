@@ -1,25 +1,34 @@
-//! Stopping a VM on SIGINT/SIGTERM, for the binaries that embed the
-//! monitor (`b2p-vmm run`, the `b2p` manager's VM process): the signals are
-//! blocked in every thread and one thread waits for them with sigwait.
+//! Stopping a VM on SIGINT, SIGTERM, SIGHUP or SIGQUIT, for the binaries
+//! that embed the monitor (`b2p-vmm run`, the `b2p` manager's VM process):
+//! the signals are blocked in every thread from the start of `main`, so one
+//! that arrives during setup stays pending (setup never blocks: console,
+//! kernel, initrd and disks are opened so that a FIFO cannot hang it) and
+//! stops the VM as soon as the waiting thread starts. Each stop goes
+//! through the VM's teardown: sockets removed, terminal restored.
 
 use std::io;
 
 use crate::StopHandle;
 
-/// SIGINT and SIGTERM, blocked in the calling thread and in every thread
-/// it starts afterwards (call it before [`crate::Vm::start`]).
+/// The signals that stop a VM.
+pub const STOP_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// [`STOP_SIGNALS`], blocked in the calling thread and in every thread it
+/// starts afterwards (call it first thing, before [`crate::Vm::start`]).
 pub struct StopSignals(libc::sigset_t);
 
 impl StopSignals {
-    /// Blocks SIGINT and SIGTERM in this thread (and its future children).
+    /// Blocks the stop signals in this thread (and its future children).
     pub fn block() -> io::Result<StopSignals> {
         // SAFETY: plain sigset manipulation on a local; pthread_sigmask
         // only reads the set.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
+            for sig in STOP_SIGNALS {
+                libc::sigaddset(&mut set, sig);
+            }
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             if rc != 0 {
                 return Err(io::Error::from_raw_os_error(rc));
@@ -29,7 +38,7 @@ impl StopSignals {
     }
 
     /// Starts the thread that stops the VM behind `stop` when one of the
-    /// signals arrives.
+    /// signals arrives (at once when one came during setup).
     pub fn stop_vm_on_signal(self, stop: StopHandle) -> io::Result<()> {
         let set = self.0;
         std::thread::Builder::new()
@@ -37,7 +46,9 @@ impl StopSignals {
             .spawn(move || {
                 let mut sig = 0;
                 // SAFETY: `set` is a valid sigset; sigwait writes the signal number.
-                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                while unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    // Later ones (a second ^C during teardown) are swallowed:
+                    // the stop is already under way.
                     log::info!("signal {sig}: stopping the VM");
                     stop.stop();
                 }

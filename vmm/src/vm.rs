@@ -328,7 +328,7 @@ impl Vm {
                 .map_err(io("spawning a vCPU thread"))?;
             vm.vcpu_threads.push(t);
         }
-        crate::seccomp::apply(crate::seccomp::Role::Main)?;
+        crate::seccomp::enter_main()?;
         Ok(vm)
     }
 

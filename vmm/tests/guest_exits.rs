@@ -139,18 +139,37 @@ fn acpi_s5_exits_zero() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+// xor eax,eax ; push rax ; push rax ; lidt [rsp] ; ud2
+const TRIPLE_FAULT: &[u8] = &[0x31, 0xc0, 0x50, 0x50, 0x0f, 0x01, 0x1c, 0x24, 0x0f, 0x0b];
+
 #[test]
 fn triple_fault_exits_zero() {
     if !kvm_usable() {
         return;
     }
-    // xor eax,eax ; push rax ; push rax ; lidt [rsp] ; ud2
-    let g = Guest::new(
-        "triple",
-        &[0x31, 0xc0, 0x50, 0x50, 0x0f, 0x01, 0x1c, 0x24, 0x0f, 0x0b],
-    );
+    // mov dx,0x3f8 ; mov al,'x' ; out dx,al: a guest that got as far as
+    // its console, then triple-faults (how some guests reboot).
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'x', 0xee];
+    code.extend_from_slice(TRIPLE_FAULT);
+    let g = Guest::new("triple", &code);
     let o = g.run(&["--console", "none"]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn triple_fault_before_any_output_is_an_error() {
+    if !kvm_usable() {
+        return;
+    }
+    let g = Guest::new("triple-silent", TRIPLE_FAULT);
+    let o = g.run(&["--console", "none"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("triple-faulted before") && err.contains("guest.elf"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -5,8 +5,10 @@
 //! [--net tap=NAME[,mac=M]]... [--vsock cid=N,uds=PATH] [--vsock-port PORT=PATH]...
 //! [--virtio-rng] [--virtio-mmio-cmdline] [--timings] [--no-seccomp]`
 //!
-//! Exit status 0 when the guest shuts down (power-off, reset, triple fault)
-//! or on SIGTERM/SIGINT; otherwise 1 (2 for usage errors) with exactly one
+//! Exit status 0 when the guest shuts down (power-off, reset, a triple
+//! fault after it wrote to the console) or on SIGTERM/SIGINT/SIGHUP/SIGQUIT
+//! (in any phase: the VM is torn down, sockets removed, the terminal
+//! restored); otherwise 1 (2 for usage errors) with exactly one
 //! line `b2p-vmm: error: ...` on stderr.
 
 use std::path::PathBuf;
@@ -105,7 +107,7 @@ fn resolve_image(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     Ok((kernel, Some(initrd)))
 }
 
-fn run(args: RunArgs, start_ns: u64) -> anyhow::Result<()> {
+fn run(args: RunArgs, start_ns: u64, signals: StopSignals) -> anyhow::Result<()> {
     b2p_vmm::seccomp::set_mode(match args.no_seccomp {
         true => b2p_vmm::seccomp::Mode::Off,
         false => b2p_vmm::seccomp::Mode::Process,
@@ -129,7 +131,6 @@ fn run(args: RunArgs, start_ns: u64) -> anyhow::Result<()> {
         timings,
         start_ns: Some(start_ns),
     };
-    let signals = StopSignals::block().context("blocking SIGINT/SIGTERM")?;
     let vm = Vm::start(config)?;
     signals
         .stop_vm_on_signal(vm.stop_handle())
@@ -137,38 +138,6 @@ fn run(args: RunArgs, start_ns: u64) -> anyhow::Result<()> {
     let exit = vm.wait()?;
     log::debug!("VM ended: {exit}");
     Ok(())
-}
-
-/// Warnings from the library go to stderr as `b2p-vmm: warning: ...`
-/// (B2P_LOG=debug|info for more).
-struct StderrLogger(log::LevelFilter);
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= self.0
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            let level = r.level().as_str().to_ascii_lowercase();
-            eprintln!("b2p-vmm: {level}: {}", r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn init_logging() {
-    let level = match std::env::var("B2P_LOG").as_deref() {
-        Ok("trace") => log::LevelFilter::Trace,
-        Ok("debug") => log::LevelFilter::Debug,
-        Ok("info") => log::LevelFilter::Info,
-        Ok("error") => log::LevelFilter::Error,
-        Ok("off") => log::LevelFilter::Off,
-        _ => log::LevelFilter::Warn,
-    };
-    let logger: &'static StderrLogger = Box::leak(Box::new(StderrLogger(level)));
-    if log::set_logger(logger).is_ok() {
-        log::set_max_level(level);
-    }
 }
 
 fn main() -> ExitCode {
@@ -180,9 +149,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging();
+    // Warnings go to stderr as `b2p-vmm: warning: ...` (B2P_LOG=info|debug for more).
+    b2p_vmm::logger::init("b2p-vmm");
     let Command::Run(args) = cli.command;
-    match run(args, start_ns) {
+    // From here on a stop signal is never lost, whatever phase it lands in.
+    let result = StopSignals::block()
+        .context("blocking the stop signals")
+        .and_then(|signals| run(args, start_ns, signals));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
