@@ -427,7 +427,10 @@ pub fn before_guest_starts(f: impl FnOnce() -> Result<(), String> + Send + 'stat
 /// Runs the [`before_guest_starts`] hook, if any, then installs the main
 /// thread's filter ([`Mode::Process`] only).
 pub(crate) fn enter_main() -> Result<(), SeccompError> {
-    let hook = BEFORE_GUEST.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let hook = BEFORE_GUEST
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     if let Some(f) = hook {
         f().map_err(SeccompError::BeforeGuest)?;
     }
