@@ -256,10 +256,16 @@ grep -q '^tc:' "$RFS/etc/passwd" || {
 }
 # Modules the init loads (modules.list minus the directory entries).
 sed -e 's/#.*//' -e '/^\s*$/d' -e '/\/$/d' "$HERE/modules.list" >"$RFS/etc/b2p/modules"
-# busybox applets the image has no other provider for.
+# busybox applets the image has no other provider for: system tools in
+# /usr/sbin, the ones a user (tc's PATH has no sbin) types in /usr/bin.
 for a in ip udhcpc devmem poweroff reboot halt usleep; do
   [ -e "$RFS/usr/sbin/$a" ] || [ -e "$RFS/usr/bin/$a" ] || ln -s ../bin/busybox "$RFS/usr/sbin/$a"
 done
+for a in ps top less vi; do
+  [ -e "$RFS/usr/sbin/$a" ] || [ -e "$RFS/usr/bin/$a" ] || ln -s busybox "$RFS/usr/bin/$a"
+done
+# tc may use sudo without a password, as boot2podman's tc could.
+chmod 0440 "$RFS/etc/sudoers.d/tc"
 [ -c "$RFS/dev/console" ] || mknod -m 600 "$RFS/dev/console" c 5 1
 [ -c "$RFS/dev/null" ] || mknod -m 666 "$RFS/dev/null" c 1 3
 echo "boot2podman" >"$RFS/etc/hostname"

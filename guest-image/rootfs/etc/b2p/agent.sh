@@ -1,9 +1,11 @@
 #!/bin/sh
 # Agent hook: the init runs this (unless the kernel command line says
 # b2p.agent=0) once the data disk and the network are up. Output goes to
-# /var/log/b2p-agent.log.
+# /var/log/b2p-agent.log. --podman-at-start: Podman's REST service starts now,
+# and the agent opens its ports once it answers, so a host that reaches the
+# agent reaches Podman.
 if [ ! -x /usr/bin/b2p-agent ]; then
   echo "b2p-agent: /usr/bin/b2p-agent is not in this image"
   exit 0
 fi
-exec /usr/bin/b2p-agent
+exec /usr/bin/b2p-agent --podman-at-start

@@ -1,0 +1,288 @@
+//! A guest under QEMU TCG that the host reaches the way `b2p` does: a
+//! `vhost-user-vsock-device` backed by `vhost-device-vsock` (memfd guest
+//! memory, share=on; DESIGN.md §8), varlink to the agent on vsock port 1024
+//! through the hybrid Unix socket (`CONNECT 1024`, any `OK n`), and ssh to
+//! the guest's sshd on vsock port 22 through `b2p __vsock-proxy`.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{host_khz, tempfile_dir};
+
+/// `name` on PATH or in ~/.cargo/bin (where `cargo install` puts
+/// vhost-device-vsock).
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// One running guest; QEMU and the vsock backend are killed on drop.
+pub struct VsockGuest {
+    qemu: Child,
+    vhost: Child,
+    dir: PathBuf,
+    uds: PathBuf,
+    console: PathBuf,
+    /// When QEMU was spawned.
+    pub started: Instant,
+}
+
+impl VsockGuest {
+    /// Boots `kernel` + `initrd` with `disk` as vda and `cmdline` appended.
+    pub fn boot(
+        vhost_bin: &Path,
+        kernel: &Path,
+        initrd: &Path,
+        disk: &Path,
+        cmdline: &str,
+    ) -> VsockGuest {
+        let dir = tempfile_dir("b2p-vsock-guest");
+        let vhost_sock = dir.join("vhost.sock");
+        let uds = dir.join("vsock.sock");
+        let console = dir.join("console.log");
+        let vhost = Command::new(vhost_bin)
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid=3,socket={},uds-path={}",
+                vhost_sock.display(),
+                uds.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("vhost.log")).unwrap())
+            .spawn()
+            .expect("starting vhost-device-vsock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !vhost_sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "vhost-device-vsock did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let started = Instant::now();
+        let qemu = Command::new("qemu-system-x86_64")
+            .args(["-M", "microvm,memory-backend=mem0", "-accel", "tcg"])
+            .args(["-cpu", "max", "-m", "2048", "-smp", "2"])
+            .args([
+                "-object",
+                "memory-backend-memfd,id=mem0,size=2048M,share=on",
+            ])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .args(["-global", "virtio-mmio.force-legacy=false"])
+            .args(["-monitor", "none", "-display", "none"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 tsc_early_khz={} panic=-1 {cmdline}",
+                host_khz()
+            ))
+            .args(["-device", "virtio-rng-device"])
+            .arg("-drive")
+            .arg(format!("if=none,id=d0,format=raw,file={}", disk.display()))
+            .args(["-device", "virtio-blk-device,drive=d0"])
+            .arg("-chardev")
+            .arg(format!("socket,id=c0,path={}", vhost_sock.display()))
+            .args(["-device", "vhost-user-vsock-device,chardev=c0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("qemu.log")).unwrap())
+            .spawn()
+            .expect("starting qemu-system-x86_64");
+        VsockGuest {
+            qemu,
+            vhost,
+            dir,
+            uds,
+            console,
+            started,
+        }
+    }
+
+    /// The guest console so far, with QEMU's stderr.
+    pub fn console(&self) -> String {
+        let mut text =
+            String::from_utf8_lossy(&fs::read(&self.console).unwrap_or_default()).into_owned();
+        let err = fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default();
+        if !err.trim().is_empty() {
+            text.push_str("\n[qemu stderr] ");
+            text.push_str(&err);
+        }
+        text
+    }
+
+    /// Whether QEMU has exited (the guest powered off).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.qemu.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for QEMU to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One varlink call to the agent (vsock port 1024) on a fresh
+    /// connection: the reply's `parameters`, or the error reply / the
+    /// transport failure as text.
+    pub fn call(
+        &self,
+        method: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, String> {
+        let mut s = UnixStream::connect(&self.uds).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(timeout)).ok();
+        s.set_write_timeout(Some(timeout)).ok();
+        s.write_all(b"CONNECT 1024\n")
+            .map_err(|e| format!("CONNECT: {e}"))?;
+        let mut r = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+        let mut line = String::new();
+        r.read_line(&mut line)
+            .map_err(|e| format!("CONNECT answer: {e}"))?;
+        if !line.starts_with("OK ") {
+            return Err(format!("CONNECT answered {line:?}"));
+        }
+        let msg = serde_json::json!({"method": method, "parameters": params});
+        let mut bytes = serde_json::to_vec(&msg).map_err(|e| e.to_string())?;
+        bytes.push(0);
+        s.write_all(&bytes).map_err(|e| format!("send: {e}"))?;
+        let mut reply = Vec::new();
+        r.read_until(0, &mut reply)
+            .map_err(|e| format!("reply: {e}"))?;
+        if reply.last() != Some(&0) {
+            return Err(format!(
+                "connection closed after {} bytes of reply",
+                reply.len()
+            ));
+        }
+        reply.pop();
+        let v: serde_json::Value =
+            serde_json::from_slice(&reply).map_err(|e| format!("reply is not JSON: {e}"))?;
+        if v.get("error").is_some() {
+            return Err(v.to_string());
+        }
+        Ok(v.get("parameters").cloned().unwrap_or_default())
+    }
+
+    /// Retries `method` until it answers, the guest exits or `timeout`
+    /// passes; each try may take `per_try`.
+    pub fn wait_call(
+        &mut self,
+        method: &str,
+        timeout: Duration,
+        per_try: Duration,
+    ) -> Result<serde_json::Value, String> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.call(method, serde_json::json!({}), per_try) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+            if let Some(s) = self.exited() {
+                return Err(format!("qemu exited ({s}); last error: {last}"));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Err(format!("no answer in {timeout:?}; last error: {last}"))
+    }
+
+    /// `ssh USER@guest COMMAND` with `key`, over vsock port 22 (`b2p
+    /// __vsock-proxy` as the ProxyCommand), bounded by coreutils timeout.
+    pub fn ssh(&self, b2p: &Path, key: &Path, user: &str, command: &str, secs: u32) -> Output {
+        let proxy = format!("{} __vsock-proxy {} 22", b2p.display(), self.uds.display());
+        Command::new("timeout")
+            .arg(secs.to_string())
+            .arg("ssh")
+            .arg("-i")
+            .arg(key)
+            .args(["-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
+            .args(["-o", "ConnectTimeout=60"])
+            .arg("-o")
+            .arg(format!("ProxyCommand={proxy}"))
+            .arg(format!("{user}@b2p-guest"))
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ssh")
+    }
+}
+
+impl Drop for VsockGuest {
+    fn drop(&mut self) {
+        let _ = self.qemu.kill();
+        let _ = self.qemu.wait();
+        let _ = self.vhost.kill();
+        let _ = self.vhost.wait();
+        if std::env::var_os("B2P_KEEP_TEST_DIR").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The state of the ext4 filesystem in the first partition of `disk` (or
+/// on the whole disk when it has no MBR): read from its superblock.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ext4State {
+    /// s_state bit 0: unmounted cleanly (EXT4_VALID_FS).
+    pub valid: bool,
+    /// s_state bit 1: errors detected (EXT4_ERROR_FS).
+    pub errors: bool,
+    /// s_feature_incompat bit 2: the journal must be replayed (RECOVER).
+    pub needs_recovery: bool,
+}
+
+pub fn ext4_state(disk: &Path) -> Result<Ext4State, String> {
+    let mut f = fs::File::open(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+    let mut mbr = [0u8; 512];
+    f.read_exact(&mut mbr).map_err(|e| e.to_string())?;
+    let start = if mbr[510..512] == [0x55, 0xaa] {
+        u64::from(u32::from_le_bytes([mbr[454], mbr[455], mbr[456], mbr[457]])) * 512
+    } else {
+        0
+    };
+    let mut sb = vec![0u8; 1024];
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(start + 1024))
+        .map_err(|e| e.to_string())?;
+    f.read_exact(&mut sb).map_err(|e| e.to_string())?;
+    let magic = u16::from_le_bytes([sb[0x38], sb[0x39]]);
+    if magic != 0xEF53 {
+        return Err(format!(
+            "no ext4 superblock at byte {} (magic {magic:#x})",
+            start + 1024
+        ));
+    }
+    let state = u16::from_le_bytes([sb[0x3A], sb[0x3B]]);
+    let incompat = u32::from_le_bytes([sb[0x60], sb[0x61], sb[0x62], sb[0x63]]);
+    Ok(Ext4State {
+        valid: state & 1 != 0,
+        errors: state & 2 != 0,
+        needs_recovery: incompat & 4 != 0,
+    })
+}
