@@ -4,7 +4,7 @@
 //! then SIGTERM to the VM process, then SIGKILL), waiting for the guest's
 //! agent, `rm`.
 
-use std::fs::OpenOptions;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +15,7 @@ use b2p_vmm::config::DEFAULT_CMDLINE;
 use b2p_vmm::signals::StopSignals;
 use b2p_vmm::{image, Console, DiskConfig, NetConfig, Vm, VmConfig, VsockConfig};
 
-use crate::machine::{write_atomic, Machine, MachineConfig, State, RUN_VM};
+use crate::machine::{create_private_dir, private_file, Machine, MachineConfig, State, RUN_VM};
 use crate::userdata;
 use crate::varlink;
 
@@ -82,6 +82,18 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
     if config.disk_size_mib < 64 {
         bail!("--disk-size must be at least 64 MiB");
     }
+    // A file offset is an i64: beyond that the size would wrap.
+    let disk_bytes = config
+        .disk_size_mib
+        .checked_mul(1 << 20)
+        .filter(|b| i64::try_from(*b).is_ok())
+        .with_context(|| {
+            format!(
+                "--disk-size {} MiB is too large (at most {} MiB)",
+                config.disk_size_mib,
+                (i64::MAX as u64) >> 20
+            )
+        })?;
     // (clap makes --ip need --tap, and --gateway need --ip.)
     if let Some(ip) = &config.ip {
         check_cidr(ip)?;
@@ -92,19 +104,24 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
             bail!("--gateway {gw:?}: expected an IPv4 address such as 192.168.127.1");
         }
     }
-    // Everything the VM will be given must make sense now, not at start.
-    vm_config(m, &config, false)?
-        .validate()
-        .map_err(anyhow::Error::new)?;
-    if let Some(parent) = m.dir.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    std::fs::create_dir(&m.dir).with_context(|| format!("creating {}", m.dir.display()))?;
+    // Everything the VM will be given must make sense now, not at start
+    // (the socket paths under a deep XDG_DATA_HOME too).
+    let vm = vm_config(m, &config, false)?;
+    vm.validate()
+        .map_err(|e| anyhow::anyhow!("{e}{}", socket_hint(&e)))?;
+    vm.check_host_memory().map_err(anyhow::Error::new)?;
+    create_private_dir(&m.dir)?;
     let made = (|| {
         let public_key = ssh_keygen(&m.key_path(), &m.name)?;
-        userdata::create_disk(&m.disk_path(), config.disk_size_mib << 20, &public_key)
+        userdata::create_disk(&m.disk_path(), disk_bytes, &public_key)
             .with_context(|| format!("creating {}", m.disk_path().display()))?;
+        let size = std::fs::metadata(m.disk_path())?.len();
+        if size != disk_bytes {
+            bail!(
+                "{} is {size} bytes, not {disk_bytes}",
+                m.disk_path().display()
+            );
+        }
         m.save(&config)
     })();
     if let Err(e) = made {
@@ -112,6 +129,16 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
         return Err(e);
     }
     Ok(config)
+}
+
+/// What to do about a machine directory too deep for its sockets.
+fn socket_hint(e: &b2p_vmm::config::ConfigError) -> &'static str {
+    match e {
+        b2p_vmm::config::ConfigError::SocketPathTooLong { .. } => {
+            ": the machine's directory is too deep (set XDG_DATA_HOME to a shorter path)"
+        }
+        _ => "",
+    }
 }
 
 fn absolute(p: PathBuf) -> Result<PathBuf> {
@@ -147,6 +174,9 @@ fn ssh_keygen(path: &Path, name: &str) -> Result<String> {
         );
     }
     let pub_path = path.with_extension("pub");
+    // Like every file of the machine: 0600 (ssh-keygen makes it 0644).
+    std::fs::set_permissions(&pub_path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", pub_path.display()))?;
     std::fs::read_to_string(&pub_path).with_context(|| format!("reading {}", pub_path.display()))
 }
 
@@ -213,12 +243,11 @@ pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
     vm_config(m, &config, true)?
         .validate()
         .map_err(anyhow::Error::new)?;
+    // A machine made before directories were private becomes private.
+    std::fs::set_permissions(&m.dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", m.dir.display()))?;
     let _ = std::fs::remove_file(m.pid_path());
-    let log = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(m.vmm_log_path())
+    let log = private_file(&m.vmm_log_path(), true)
         .with_context(|| format!("opening {}", m.vmm_log_path().display()))?;
     let exe = std::env::current_exe().context("locating the b2p binary")?;
     let mut cmd = Command::new(exe);
@@ -296,18 +325,18 @@ pub fn wait_for_agent(m: &Machine, limit: Duration) -> Result<Duration> {
 }
 
 /// The body of `b2p __run-vm NAME`: runs the machine's VM in this process
-/// until the guest shuts down or SIGTERM/SIGINT arrives.
+/// until the guest shuts down or a stop signal (SIGTERM, SIGINT, SIGHUP,
+/// SIGQUIT) arrives.
 pub fn run_vm(m: &Machine) -> Result<()> {
     // The same per-thread filters as `b2p-vmm run`. This thread's own goes
     // on once the VM is built, right after the pid file is written (the
     // filter allows no open): the file says "running" before the guest runs.
     b2p_vmm::seccomp::set_mode(b2p_vmm::seccomp::Mode::Process);
-    let signals = StopSignals::block().context("blocking SIGINT/SIGTERM")?;
+    let signals = StopSignals::block().context("blocking the stop signals")?;
     let config = m.load()?;
-    let pid_path = m.pid_path();
+    let machine = m.clone();
     b2p_vmm::seccomp::before_guest_starts(move || {
-        write_atomic(&pid_path, format!("{}\n", std::process::id()).as_bytes())
-            .map_err(|e| format!("{e:#}"))
+        machine.write_pid_file().map_err(|e| format!("{e:#}"))
     });
     let vm = Vm::start(vm_config(m, &config, true)?)?;
     signals
@@ -327,6 +356,16 @@ pub fn stop(m: &Machine, grace: Duration) -> Result<bool> {
     let State::Running(pid) = m.state() else {
         return Ok(false);
     };
+    let me = crate::machine::euid();
+    if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}")) {
+        if me != 0 && meta.uid() != me {
+            bail!(
+                "machine {} is not yours: its VM process {pid} runs as uid {}",
+                m.name,
+                meta.uid()
+            );
+        }
+    }
     let asked = call_agent(m, "io.b2p.Machine.Shutdown", Duration::from_secs(3));
     if asked && wait_stopped(m, grace) {
         return Ok(true);
@@ -337,7 +376,14 @@ pub fn stop(m: &Machine, grace: Duration) -> Result<bool> {
     ] {
         // SAFETY: kill(2) on the pid that the pid file and /proc agree is
         // this machine's VM process.
-        unsafe { libc::kill(pid as libc::pid_t, sig) };
+        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        {
+            bail!(
+                "machine {} is not yours: cannot signal its VM process {pid}",
+                m.name
+            );
+        }
         if wait_stopped(m, wait) {
             if sig == libc::SIGKILL {
                 let _ = std::fs::remove_file(m.pid_path());
@@ -407,7 +453,8 @@ mod tests {
             .args(["-c", "sleep 30; :", RUN_VM, &m.name])
             .spawn()
             .unwrap();
-        std::fs::write(m.pid_path(), child.id().to_string()).unwrap();
+        let start = crate::machine::process_start_time(child.id()).unwrap();
+        std::fs::write(m.pid_path(), format!("{} {start}\n", child.id())).unwrap();
         // Until it has exec'd, /proc shows the test's own command line.
         let begin = Instant::now();
         while m.state() != State::Running(child.id()) {

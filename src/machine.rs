@@ -1,8 +1,12 @@
 //! A machine's state on the host: its directory
 //! `$XDG_DATA_HOME/b2p/machines/NAME/` (default `~/.local/share/…`), the
 //! `config.json` written by `b2p create`, the paths of its disk, key,
-//! sockets and logs, and whether its VM process is running.
+//! sockets and logs, whose it is, and whether its VM process is running
+//! (the pid file names the process and its start time). The directory is
+//! 0700 and every file 0600, whatever the umask.
 
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -111,13 +115,38 @@ impl Machine {
         })
     }
 
-    /// The machine called `name`, which must have been created.
+    /// The machine called `name`, which must have been created by this
+    /// user (root may manage anyone's).
     pub fn existing(name: &str) -> Result<Machine> {
         let m = Machine::named(name)?;
-        if !m.config_path().is_file() {
-            bail!("machine {name} does not exist (b2p ls lists them)");
+        match std::fs::metadata(m.config_path()) {
+            Ok(meta) if meta.is_file() => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                bail!(
+                    "machine {name} is not yours ({}: permission denied)",
+                    m.dir.display()
+                );
+            }
+            _ => bail!("machine {name} does not exist (b2p ls lists them)"),
         }
+        m.check_owner()?;
         Ok(m)
+    }
+
+    /// Fails with "not yours" when another user owns the machine's
+    /// directory (root may act on any machine).
+    pub fn check_owner(&self) -> Result<()> {
+        let me = euid();
+        let owner = std::fs::metadata(&self.dir)
+            .with_context(|| format!("reading {}", self.dir.display()))?
+            .uid();
+        if me != 0 && owner != me {
+            bail!(
+                "machine {} is not yours (it belongs to uid {owner}, you are uid {me})",
+                self.name
+            );
+        }
+        Ok(())
     }
 
     /// Every created machine, by name.
@@ -132,6 +161,7 @@ impl Machine {
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
             .filter_map(|n| Machine::existing(&n).ok())
+            .filter(|m| m.check_owner().is_ok())
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(v)
@@ -186,19 +216,50 @@ impl Machine {
     }
 
     /// The VM process's pid, when the pid file names a live `b2p` VM
-    /// process of this machine (a stale file from a crash reads Stopped).
+    /// process of this machine: its command line is `… __run-vm NAME` and
+    /// its start time is the one the VM process wrote next to its pid (a
+    /// stale file from a crash, or a reused pid, reads Stopped).
     pub fn state(&self) -> State {
         let Ok(text) = std::fs::read_to_string(self.pid_path()) else {
             return State::Stopped;
         };
-        let Ok(pid) = text.trim().parse::<u32>() else {
+        let mut fields = text.split_whitespace();
+        let (Some(Ok(pid)), Some(Ok(start))) = (
+            fields.next().map(str::parse::<u32>),
+            fields.next().map(str::parse::<u64>),
+        ) else {
             return State::Stopped;
         };
+        if process_start_time(pid) != Some(start) {
+            return State::Stopped;
+        }
         match std::fs::read(format!("/proc/{pid}/cmdline")) {
             Ok(cmdline) if is_vm_process_of(&cmdline, &self.name) => State::Running(pid),
             _ => State::Stopped,
         }
     }
+
+    /// Writes the pid file for this process (pid and start time).
+    pub fn write_pid_file(&self) -> Result<()> {
+        let pid = std::process::id();
+        let start = process_start_time(pid).context("reading this process's start time")?;
+        write_atomic(&self.pid_path(), format!("{pid} {start}\n").as_bytes())
+    }
+}
+
+/// The effective uid of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// A process's start time (clock ticks after boot, field 22 of
+/// /proc/PID/stat): with the pid, it names one process for good.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// The hidden subcommand that runs a machine's VM (`b2p __run-vm NAME`).
@@ -212,11 +273,50 @@ fn is_vm_process_of(cmdline: &[u8], name: &str) -> bool {
 }
 
 /// Replaces `path` with `data` through a temporary file in the same
-/// directory, so readers never see half a file.
+/// directory, so readers never see half a file. The file is 0600, and a
+/// symbolic link at the temporary name is not followed.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = private_file(&tmp, true).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Opens `path` for writing as a private file: created 0600 (whatever the
+/// umask, and an existing one is made 0600), never through a symbolic
+/// link, emptied when `truncate`.
+pub fn private_file(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
+/// Makes `dir` (which must not exist) 0700, and its missing parents 0700.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", dir.display()))
 }
 
 #[cfg(test)]
@@ -239,6 +339,22 @@ mod tests {
         assert!(is_vm_process_of(c, "dev"));
         assert!(!is_vm_process_of(c, "de"));
         assert!(!is_vm_process_of(b"/bin/sleep\0sixty\0", "dev"));
+    }
+
+    #[test]
+    fn start_time_names_one_process() {
+        let me = std::process::id();
+        let start = process_start_time(me).expect("no start time for this process");
+        assert_eq!(process_start_time(me), Some(start));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let theirs = process_start_time(child.id()).unwrap();
+        assert!(theirs >= start);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(process_start_time(u32::MAX), None);
     }
 
     #[test]

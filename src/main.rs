@@ -159,24 +159,43 @@ fn varlink_call(
     }
 }
 
+/// Lists every machine; one whose config.json cannot be read is listed as
+/// Broken (with one error line each on stderr and exit status 1), the
+/// others as usual.
 fn ls() -> Result<ExitCode> {
     let machines = Machine::all()?;
     println!(
         "{:<20} {:<8} {:>4} {:>8} {:>9}",
         "NAME", "STATE", "CPUS", "MEMORY", "DISK"
     );
+    let mut broken = Vec::new();
     for m in machines {
-        let c = m.load()?;
-        println!(
-            "{:<20} {:<8} {:>4} {:>5}MiB {:>6}MiB",
-            m.name,
-            m.state().to_string(),
-            c.cpus,
-            c.memory_mib,
-            c.disk_size_mib
-        );
+        match m.load() {
+            Ok(c) => println!(
+                "{:<20} {:<8} {:>4} {:>5}MiB {:>6}MiB",
+                m.name,
+                m.state().to_string(),
+                c.cpus,
+                c.memory_mib,
+                c.disk_size_mib
+            ),
+            Err(e) => {
+                println!(
+                    "{:<20} {:<8} {:>4} {:>8} {:>9}",
+                    m.name, "Broken", "-", "-", "-"
+                );
+                broken.push(format!("machine {} is broken: {e:#}", m.name));
+            }
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    for b in &broken {
+        eprintln!("b2p: error: {}", b.replace('\n', " "));
+    }
+    Ok(if broken.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn inspect(m: &Machine) -> Result<ExitCode> {
@@ -285,6 +304,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // log::warn!/error! of the monitor and its devices: stderr, which is
+    // vmm.log in the VM process (B2P_LOG=info|debug for more).
+    b2p_vmm::logger::init("b2p");
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {

@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// The entry name the guest init looks for at the start of a disk.
@@ -58,7 +59,13 @@ pub fn userdata_tar(public_key: &str) -> io::Result<Vec<u8>> {
 /// starting with the userdata tar.
 pub fn create_disk(path: &Path, size: u64, public_key: &str) -> io::Result<()> {
     let tar = userdata_tar(public_key)?;
-    let mut f: File = OpenOptions::new().write(true).create_new(true).open(path)?;
+    let mut f: File = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    // 0600 whatever the umask: the disk holds the guest's data.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(&tar)?;
     f.set_len(size)?;
     f.sync_all()

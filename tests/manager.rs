@@ -37,8 +37,14 @@ impl Home {
     }
 
     fn b2p(&self, args: &[&str]) -> Outcome {
+        self.b2p_with(args, |_| {})
+    }
+
+    /// `b2p ARGS` with the command adjusted first (environment, umask).
+    fn b2p_with(&self, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Outcome {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_b2p"));
         cmd.args(args).env("XDG_DATA_HOME", self.dir.path());
+        adjust(&mut cmd);
         run_with_deadline(cmd, LIMIT)
     }
 
@@ -230,7 +236,11 @@ fn start_status_stop_with_the_probe_guest() {
     let dir = h.machine_dir("vm1");
     // start waits for the guest's agent; the probe has none: after the
     // timeout it says so, and the VM is left running.
-    let out = h.b2p(&["start", "vm1", "--timeout", "2"]);
+    // B2P_LOG=info: the monitor's log records reach vmm.log through the
+    // manager's logger.
+    let out = h.b2p_with(&["start", "vm1", "--timeout", "2"], |c| {
+        c.env("B2P_LOG", "info");
+    });
     assert_eq!(out.status.code(), Some(2), "{}", out.describe());
     assert!(
         out.stdout.contains("Machine vm1 started"),
@@ -264,6 +274,11 @@ fn start_status_stop_with_the_probe_guest() {
     }
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("probe: PASS"), "{text}");
+    let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap();
+    assert!(
+        log.contains("b2p: info: guest boot complete after"),
+        "the monitor's log records are lost: vmm.log is\n{log}"
+    );
     assert!(text.contains("probe: boot timer written"), "{text}");
     assert!(text.contains("lapics=2"), "{text}");
     for sock in ["vsock.sock", "io.podman", "podman.sock"] {
@@ -342,4 +357,324 @@ fn start_reports_what_the_vm_refused() {
         ],
         "--memory",
     );
+}
+
+/// Starts `sh -c 'sleep 30; :' __run-vm NAME`: a process whose command line
+/// looks like a machine's VM process.
+fn impostor(name: &str) -> std::process::Child {
+    let child = Command::new("sh")
+        .args(["-c", "sleep 30; :", "__run-vm", name])
+        .spawn()
+        .unwrap();
+    let begin = std::time::Instant::now();
+    while !std::fs::read(format!("/proc/{}/cmdline", child.id()))
+        .unwrap_or_default()
+        .windows(8)
+        .any(|w| w == b"__run-vm")
+    {
+        assert!(begin.elapsed() < Duration::from_secs(5), "sh never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+/// A pid file naming a process that merely has `__run-vm NAME` in its
+/// arguments (a reused pid, or a file from an older run) is not the VM:
+/// without the start time the VM process wrote, the machine is Stopped and
+/// `stop` signals nobody.
+#[test]
+fn pid_file_names_one_process() {
+    let test = "manager_pid_file";
+    if no_ssh_keygen(test) {
+        return;
+    }
+    let h = Home::new(test);
+    let kernel = write_file(&h.dir, "vmlinuz", b"not booted by this test");
+    h.ok(&["create", "m", "--kernel", &kernel.display().to_string()]);
+    let mut fake = impostor("m");
+    let pid_file = h.machine_dir("m").join("pid");
+    for text in [format!("{}\n", fake.id()), format!("{} 1\n", fake.id())] {
+        std::fs::write(&pid_file, &text).unwrap();
+        assert_eq!(
+            h.ok(&["status", "m"]).trim(),
+            "Stopped",
+            "pid file {text:?} names a process that is not the VM"
+        );
+        assert!(h.ok(&["stop", "m"]).contains("not running"));
+        assert!(
+            fake.try_wait().unwrap().is_none(),
+            "stop killed the impostor"
+        );
+    }
+    let _ = fake.kill();
+    let _ = fake.wait();
+}
+
+/// One corrupt config.json: `ls` still lists every machine, marks that one
+/// Broken, says why in one line, and exits 1.
+#[test]
+fn ls_with_one_corrupt_config() {
+    let test = "manager_ls_corrupt";
+    if no_ssh_keygen(test) {
+        return;
+    }
+    let h = Home::new(test);
+    let kernel = write_file(&h.dir, "vmlinuz", b"not booted by this test");
+    let k = kernel.display().to_string();
+    for name in ["alpha", "beta", "gamma"] {
+        h.ok(&["create", name, "--kernel", &k, "--memory", "256"]);
+    }
+    std::fs::write(h.machine_dir("beta").join("config.json"), b"{ not json").unwrap();
+    let out = h.b2p(&["ls"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    let row = |name: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} is not listed\n{}", out.describe()))
+            .to_string()
+    };
+    assert!(row("alpha").contains("Stopped") && row("alpha").contains("256MiB"));
+    assert!(row("gamma").contains("Stopped"));
+    assert!(row("beta").contains("Broken"), "{}", out.describe());
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(errors.len(), 1, "{}", out.describe());
+    assert!(
+        errors[0].starts_with("b2p: error: machine beta is broken"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// What `start` could never use is refused at `create`, and nothing is
+/// left behind: a disk size that overflows, guest memory beyond the host's
+/// RAM, a machines directory too deep for its sockets.
+#[test]
+fn create_refuses_what_start_could_not_use() {
+    let test = "manager_create_refuses";
+    if no_ssh_keygen(test) {
+        return;
+    }
+    let h = Home::new(test);
+    let kernel = write_file(&h.dir, "vmlinuz", b"not booted by this test");
+    let k = kernel.display().to_string();
+    h.fails(
+        &[
+            "create",
+            "big",
+            "--kernel",
+            &k,
+            "--disk-size",
+            "17592186044416",
+        ],
+        "--disk-size",
+    );
+    assert!(!h.machine_dir("big").exists());
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let mib = ((total_kib >> 10) + 1024).to_string();
+    h.fails(
+        &["create", "fat", "--kernel", &k, "--memory", &mib],
+        "host's RAM",
+    );
+    assert!(!h.machine_dir("fat").exists());
+
+    let deep = h.dir.path().join("x".repeat(60)).join("y".repeat(30));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_b2p"));
+    cmd.args(["create", "deep", "--kernel", &k])
+        .env("XDG_DATA_HOME", &deep);
+    let out = run_with_deadline(cmd, LIMIT);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe());
+    assert!(
+        out.stderr.contains("too long") && out.stderr.contains("XDG_DATA_HOME"),
+        "{}",
+        out.describe()
+    );
+    assert!(!deep.join("b2p/machines/deep").exists());
+}
+
+/// A second local user (made with useradd), or why there is none.
+fn neighbour(test: &str) -> Option<(u32, u32, PathBuf)> {
+    if !is_root() {
+        skip(test, "not root: cannot add a second local user");
+        return None;
+    }
+    let Some(setpriv) = which("setpriv") else {
+        skip(test, "setpriv (util-linux) not found");
+        return None;
+    };
+    let name = "b2p-neighbour";
+    let id = |flag: &str| {
+        Command::new("id")
+            .args([flag, name])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    if id("-u").is_none() {
+        // Another test may be adding it at the same moment: ask again after.
+        let _ = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ])
+            .status();
+    }
+    match (id("-u"), id("-g")) {
+        (Some(uid), Some(gid)) => Some((uid, gid, setpriv)),
+        _ => {
+            skip(test, "useradd could not add a second local user");
+            None
+        }
+    }
+}
+
+/// Machine files are private whatever the umask: at umask 000 the machine
+/// directory is 0700, every file 0600 and every socket 0600; a second user
+/// can neither read the disk nor reach the guest's varlink, and `b2p stop`
+/// from that user says "not yours" at once. A console.log replaced by a
+/// symbolic link is refused at start, and the link's target kept intact.
+#[test]
+fn machine_files_are_private_from_a_neighbour() {
+    let test = "manager_private";
+    if let Err(reason) = kvm_usable() {
+        return skip(test, &reason);
+    }
+    if no_ssh_keygen(test) {
+        return;
+    }
+    let Some((uid, gid, setpriv)) = neighbour(test) else {
+        return;
+    };
+    let h = Home::new(test);
+    let kernel = probe_kernel(&h.dir).display().to_string();
+    let umask0 = |c: &mut Command| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: umask is async-signal-safe and touches only the child.
+        unsafe {
+            c.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            });
+        }
+    };
+    let args = [
+        "create",
+        "vm1",
+        "--memory",
+        "128",
+        "--disk-size",
+        "64",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "probe.hold_ms=120000",
+    ];
+    let out = h.b2p_with(&args, umask0);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    let out = h.b2p_with(&["start", "vm1", "--no-wait"], umask0);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    let dir = h.machine_dir("vm1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !dir.join("podman.sock").exists() || !dir.join("console.log").exists() {
+        assert!(std::time::Instant::now() < deadline, "the VM never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "the machine directory");
+    for f in [
+        "config.json",
+        "disk.raw",
+        "id_ed25519",
+        "id_ed25519.pub",
+        "console.log",
+        "vmm.log",
+        "pid",
+        "vsock.sock",
+        "io.podman",
+        "podman.sock",
+    ] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f} at umask 000");
+    }
+    // The neighbour runs its own copy of b2p (ours may sit in a private tree).
+    let b2p = h.dir.join("b2p-copy");
+    std::fs::copy(env!("CARGO_BIN_EXE_b2p"), &b2p).unwrap();
+    let as_neighbour = |prog: &Path, args: &[&str]| {
+        let mut c = Command::new(&setpriv);
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+        ])
+        .arg(prog)
+        .args(args)
+        .env("XDG_DATA_HOME", h.dir.path());
+        run_with_deadline(c, LIMIT)
+    };
+    for f in ["disk.raw", "config.json", "console.log"] {
+        let p = dir.join(f).display().to_string();
+        let out = as_neighbour(Path::new("/bin/cat"), &[&p]);
+        assert!(
+            out.status.code() != Some(0) && out.stdout.is_empty(),
+            "the neighbour read {f}\n{}",
+            out.describe()
+        );
+    }
+    for sock in ["io.podman", "vsock.sock"] {
+        let addr = format!("unix:{}", dir.join(sock).display());
+        let out = as_neighbour(
+            &b2p,
+            &[
+                "varlink",
+                &addr,
+                "call",
+                "org.varlink.service.GetInfo",
+                "--timeout",
+                "2",
+            ],
+        );
+        assert!(
+            out.status.code() != Some(0) && out.stderr.contains("ermission denied"),
+            "the neighbour reached {sock}\n{}",
+            out.describe()
+        );
+    }
+    let begin = std::time::Instant::now();
+    let out = as_neighbour(&b2p, &["stop", "vm1"]);
+    assert!(
+        out.status.code() != Some(0) && out.stderr.contains("not yours"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        begin.elapsed() < Duration::from_secs(3),
+        "stop took {:?}",
+        begin.elapsed()
+    );
+    assert_eq!(h.ok(&["status", "vm1"]).trim(), "Running");
+    h.ok(&["stop", "vm1", "--timeout", "1"]);
+
+    // A symbolic link where console.log was: start refuses it and the
+    // file it points to is untouched.
+    let victim = write_file(&h.dir, "victim.txt", b"precious\n");
+    let console = dir.join("console.log");
+    std::fs::remove_file(&console).unwrap();
+    std::os::unix::fs::symlink(&victim, &console).unwrap();
+    h.fails(&["start", "vm1", "--no-wait"], "symbolic link");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
+    assert_eq!(h.ok(&["status", "vm1"]).trim(), "Stopped");
 }
