@@ -322,3 +322,49 @@ fn stdin_tty_is_raw_for_the_guest_and_restored() {
     // The terminal is back in canonical mode with echo after the VM ends.
     assert!(out.contains(" icanon") && out.contains(" echo "), "{out:?}");
 }
+
+/// SIGHUP (the terminal went away) and SIGQUIT (^\\ from another shell)
+/// stop the VM like SIGTERM: exit 0 and the terminal back as it was.
+#[test]
+fn sighup_and_sigquit_restore_the_terminal() {
+    if !kvm_usable() {
+        return;
+    }
+    if Command::new("script").arg("--version").output().is_err() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP: script(1) (util-linux) is not installed: no pseudo-terminal to test with"
+        );
+        return;
+    }
+    // Poll the serial port forever (the terminal is the console's input).
+    // 0: mov dx,0x3fd ; in al,dx ; jmp 0
+    let g = Guest::new("tty-signals", &[0x66, 0xba, 0xfd, 0x03, 0xec, 0xeb, 0xfa]);
+    for sig in ["HUP", "QUIT"] {
+        // No job control in sh -c: the background VM stays in the
+        // terminal's foreground process group, so it takes the terminal.
+        let inner = format!(
+            "{} run --kernel {} --memory 64 --cmdline x & p=$!; sleep 1; kill -{sig} $p; wait $p; echo RC=$?; stty -a",
+            env!("CARGO_BIN_EXE_b2p-vmm"),
+            g.kernel.display()
+        );
+        let mut child = Command::new("script")
+            .args(["-qec", &inner, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let status = wait_exit(&mut child, 30);
+        drop(stdin);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        assert!(status.success(), "SIG{sig}: {out}");
+        assert!(out.contains("RC=0"), "SIG{sig}: {out:?}");
+        assert!(
+            out.contains(" icanon") && out.contains(" echo "),
+            "SIG{sig}: the terminal stayed raw: {out:?}"
+        );
+    }
+}
