@@ -20,9 +20,11 @@ use std::time::{Duration, Instant};
 const IMAGE: &str = "localhost/busybox:latest";
 
 /// Prints a skip line straight to stderr (past libtest's capture).
+#[path = "common/require.rs"]
+mod require;
+
 fn skip(reason: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
+    require::skip(reason);
 }
 
 fn have(cmd: &str, args: &[&str]) -> bool {

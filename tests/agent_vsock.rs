@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 /// Prints a skip line straight to stderr (past libtest's capture).
 fn skip(reason: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
+    common::require::skip(reason);
 }
 
 fn find_tool(name: &str) -> Option<PathBuf> {
@@ -380,7 +379,7 @@ fn agent_over_vhost_user_vsock_under_qemu_tcg() {
             );
         }
     } else {
-        eprintln!("SKIP (part): host podman missing, port 1025 not checked");
+        common::require::skip("(part) host podman missing, port 1025 not checked");
     }
 
     // ssh with no network: vsock port 22, which the agent joins to sshd,
@@ -426,7 +425,7 @@ fn agent_over_vhost_user_vsock_under_qemu_tcg() {
             console_text()
         );
     } else {
-        eprintln!("SKIP (part): ssh missing, vsock port 22 not checked");
+        common::require::skip("(part) ssh missing, vsock port 22 not checked");
     }
 
     eprintln!(

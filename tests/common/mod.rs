@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests that start real VMs: finding (or
 //! building) the `b2p-vmm` binary, KVM availability and loud skips, scratch
 //! directories, running the monitor with a deadline, and the probe guest's
-//! command line.
+//! command line; [`require`] makes skips fail where `B2P_REQUIRE` says so.
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod require;
+
 /// Prints the loud skip line the test rules ask for, straight to stderr
-/// (past libtest's capture, so it shows even when the test passes).
+/// (past libtest's capture, so it shows even when the test passes); panics
+/// instead when `B2P_REQUIRE` lists the reason's kind ([`require`]).
 pub fn skip(test: &str, reason: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIP: {test}: {reason}");
+    require::skip_named(test, reason);
 }
 
 /// `Ok` when /dev/kvm can be opened read-write by this process.

@@ -18,10 +18,12 @@ pub fn boot_lock() -> MutexGuard<'static, ()> {
     BOOT_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+#[path = "../common/require.rs"]
+mod require;
+
 /// Prints a skip line straight to stderr (past libtest's capture).
 pub fn skip(reason: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIP: {reason}");
+    require::skip(reason);
 }
 
 /// The image directory: `$B2P_CACHE/image` (default `~/.cache/b2p/image`).

@@ -4,6 +4,9 @@
 //! stopped by SIGTERM, and serial output to a file. Needs /dev/kvm; without
 //! it each test prints "SKIP: ..." and returns.
 
+#[path = "../../tests/common/require.rs"]
+mod require;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -19,7 +22,7 @@ fn kvm_usable() -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIP: /dev/kvm not usable: {e}");
+            require::skip(&format!("/dev/kvm not usable: {e}"));
             false
         }
     }
@@ -278,10 +281,7 @@ fn stdin_tty_is_raw_for_the_guest_and_restored() {
         return;
     }
     if Command::new("script").arg("--version").output().is_err() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP: script(1) (util-linux) is not installed: no pseudo-terminal to test with"
-        );
+        require::skip("script(1) (util-linux) is not installed: no pseudo-terminal to test with");
         return;
     }
     // Echo every received byte back; on 'q' reset.
