@@ -742,3 +742,75 @@ fn every_stop_signal_tears_down() {
         );
     }
 }
+
+/// A stop signal in the middle of setup (here while a 256 MiB initrd
+/// loads, after the sockets exist) ends the VM as soon as setup is over:
+/// exit 0, the sockets removed, not death by the signal.
+#[test]
+fn stop_signal_during_setup() {
+    let test = "stop_signal_during_setup";
+    let Some(c) = device_case(test) else { return };
+    let big = c.dir.join("big.initrd");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let uds = c.dir.join("v.sock");
+    let port = c.dir.join("p.sock");
+    let mut cmd = vmm_command(&c.vmm);
+    cmd.args(run_args(
+        &c.kernel,
+        &big,
+        &[
+            "--memory",
+            "512",
+            "--console",
+            "none",
+            "--timings",
+            "--vsock",
+            &format!("cid=3,uds={}", uds.display()),
+            "--vsock-port",
+            &format!("1024={}", port.display()),
+        ],
+    ))
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    // The devices (and sockets) exist; the initrd is loading next.
+    while !seen.contains("timing devices_us") {
+        let n = std::io::Read::read(&mut err, &mut buf).unwrap();
+        assert!(n > 0, "{test}: b2p-vmm ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        !seen.contains("guest_image_us"),
+        "{test}: setup was over before the signal: {seen}"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
+    let t = std::thread::spawn(move || {
+        let _ = std::io::Read::read_to_string(&mut err, &mut seen);
+        seen
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{test}: SIGHUP during setup did not end the VM within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stderr = t.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{test}: {status:?}\n{stderr}");
+    assert!(
+        !uds.exists() && !port.exists(),
+        "{test}: the sockets were left behind"
+    );
+}
