@@ -22,7 +22,9 @@ use crate::event_loop::{EventLoop, Subscriber};
 use crate::vcpu::{self, Vcpu};
 use crate::GuestMemoryMmap;
 
-/// How the guest ended (all of these make `b2p-vmm` exit 0).
+/// How the guest ended (all of these make `b2p-vmm` exit 0; a triple
+/// fault before the guest wrote to its console is
+/// [`Error::TripleFaultBeforeOutput`] instead).
 #[derive(Debug)]
 pub enum VmExit {
     /// ACPI S5 or a KVM shutdown system event.
@@ -188,6 +190,8 @@ pub struct Vm {
     vcpu_threads: Vec<JoinHandle<()>>,
     event_loop: Option<EventLoop>,
     terminal: Option<TerminalGuard>,
+    /// Named when the guest triple-faults before any console output.
+    kernel: std::path::PathBuf,
     // Keep KVM objects and guest memory alive until the vCPU threads are gone.
     _vm_fd: Arc<kvm_ioctls::VmFd>,
     _mem: GuestMemoryMmap,
@@ -205,6 +209,7 @@ impl Vm {
             enabled: config.timings,
         };
         config.validate()?;
+        config.check_host_memory()?;
         crate::seccomp::prepare()?;
         clock.stage("vm_start");
         let mut inputs = HostInputs::open(&config)?;
@@ -288,6 +293,7 @@ impl Vm {
             vcpu_threads: Vec::with_capacity(config.vcpus),
             event_loop: Some(event_loop),
             terminal,
+            kernel: config.kernel.clone(),
             _vm_fd: Arc::new(vm_fd),
             _mem: mem.clone(),
         };
@@ -377,7 +383,16 @@ impl Vm {
                 self.shared.since_start_us()
             );
         }
-        outcome.unwrap_or(Ok(VmExit::Stopped))
+        match outcome.unwrap_or(Ok(VmExit::Stopped)) {
+            // A kernel that faults before it says anything (truncated, or
+            // not for this machine) is an error, not a reboot.
+            Ok(VmExit::TripleFault) if self.shared.timings().first_serial_us.is_none() => {
+                Err(Error::TripleFaultBeforeOutput {
+                    kernel: self.kernel.clone(),
+                })
+            }
+            other => other,
+        }
     }
 
     /// Stop the vCPUs (kicking them out of KVM_RUN), the event loop, and
