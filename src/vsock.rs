@@ -5,7 +5,7 @@
 //! guest port, for ssh's ProxyCommand.
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -55,8 +55,12 @@ fn read_line_raw(stream: &mut UnixStream) -> Result<String, ClientError> {
     ))
 }
 
-/// Joins this process's stdin and stdout to guest `port` until the guest
-/// side ends.
+/// Joins this process's stdin and stdout to guest `port`. Each direction's
+/// end of file is passed on as a half-close: stdin's end shuts the socket's
+/// write side (the guest reads end of file and can still answer), the
+/// guest's SHUTDOWN(SEND) closes stdout (the reader sees end of file while
+/// stdin still flows). It returns once both directions are over or the
+/// guest side is gone entirely.
 pub fn proxy(uds: &Path, port: u32) -> anyhow::Result<()> {
     let stream = hybrid_connect(uds, port, Some(Duration::from_secs(30)))?;
     stream.set_read_timeout(None)?;
@@ -64,19 +68,49 @@ pub fn proxy(uds: &Path, port: u32) -> anyhow::Result<()> {
     // buffered, and io::copy would splice(2) a pipe into the socket, which
     // here stalled ssh's key exchange.
     let stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
-    let stdout = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+    // SAFETY: this subcommand owns descriptor 1 from here on (nothing else
+    // writes to stdout); owning it lets the guest's end of file close it.
+    let stdout = unsafe { std::fs::File::from_raw_fd(libc::STDOUT_FILENO) };
     let to_guest = stream.try_clone()?;
     let up = std::thread::spawn(move || {
         let r = pump(stdin, &to_guest);
         let _ = to_guest.shutdown(std::net::Shutdown::Write);
         r
     });
-    pump(&stream, stdout)?;
-    // The guest closed: stdin may never end (a terminal), so do not wait.
+    let down = pump(&stream, &stdout);
+    // Whoever reads our stdout sees end of file now.
+    drop(stdout);
+    down?;
+    // Stdin may still have bytes for the guest (and may never end: a
+    // terminal). The socket hangs up once both of its directions are shut:
+    // when stdin's end was passed on, or when the guest closed entirely.
+    wait_hangup(&stream);
     if up.is_finished() {
-        let _ = up.join();
+        if let Ok(Err(e)) = up.join() {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(e.into());
+            }
+        }
     }
     Ok(())
+}
+
+/// Blocks until `stream` reports POLLHUP or an error.
+fn wait_hangup(stream: &UnixStream) {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd for the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r > 0
+            || (r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
+        {
+            return;
+        }
+    }
 }
 
 /// Copies until end of file, each chunk written as soon as it is read.

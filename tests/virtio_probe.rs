@@ -5,7 +5,8 @@
 //! read-only), virtio-rng, virtio-net against a TAP in a network namespace
 //! made here, virtio-vsock (echo through the CONNECT handshake and through
 //! --vsock-port, 64 concurrent connections, a stream, a guest-initiated
-//! connection to CID 2).
+//! connection to CID 2; half-closes both ways through the handshake,
+//! --vsock-port and `b2p __vsock-proxy`).
 
 mod common;
 
@@ -549,4 +550,164 @@ fn vsock_echo_handshake_port_map_and_guest_connect() {
             "console lacks {needle:?}\n{console}"
         );
     }
+}
+
+/// Reads `s` to its end within the read timeout.
+fn read_to_eof(s: &mut UnixStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v)
+        .expect("end of file within the timeout");
+    v
+}
+
+#[test]
+fn vsock_half_close_both_ways() {
+    // Issue 9: a half-close on one side of a stream must reach the other
+    // side as a half-close, never a full close, through each way in: the
+    // CONNECT handshake, --vsock-port and `b2p __vsock-proxy`.
+    let test = "vsock_half_close_both_ways";
+    let Some(vmm) = setup(test) else { return };
+    let dir = TempDir::new(test);
+    let uds = dir.join("v.sock");
+    let mapped = dir.join("echo.sock");
+    let (mut cmd, log) = probe_cmd(
+        &vmm,
+        &dir,
+        "probe.vsock_echo=1234 probe.vsock_ms=150000",
+        &[
+            "--vsock".into(),
+            format!("cid=3,uds={}", uds.display()),
+            "--vsock-port".into(),
+            format!("1234={}", mapped.display()),
+        ],
+    );
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    assert!(
+        wait_for_console(
+            &log,
+            "echo server listening",
+            &mut child,
+            Duration::from_secs(60)
+        ),
+        "the probe's echo server did not start\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let open = |hybrid: bool| {
+        let s = if hybrid {
+            vsock_connect(&uds, 1234)
+        } else {
+            UnixStream::connect(&mapped).unwrap()
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s
+    };
+    let mut after_ours = 0;
+    for hybrid in [true, false] {
+        // The host shuts its write side: the guest sees SHUTDOWN(SEND)
+        // alone (it says which flags it got) and still answers.
+        let mut s = open(hybrid);
+        s.write_all(b"request").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&read_to_eof(&mut s)),
+            "request<eof flags=2>",
+            "host half-close, hybrid={hybrid}"
+        );
+        // The guest shuts its write side: the host reads end of file and
+        // can still send.
+        let mut s = open(hybrid);
+        s.write_all(b"HALF").unwrap();
+        assert_eq!(
+            read_to_eof(&mut s),
+            b"HALF",
+            "guest half-close, hybrid={hybrid}"
+        );
+        s.write_all(b"after eof").unwrap();
+        after_ours += 9;
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        // Both directions are over: the connection ends.
+        assert_eq!(read_to_eof(&mut s), b"");
+    }
+
+    // The same through `b2p __vsock-proxy` (ssh's ProxyCommand): stdin's
+    // end is a half-close; the guest's half-close ends stdout while stdin
+    // still flows.
+    let proxy = || {
+        Command::new(env!("CARGO_BIN_EXE_b2p"))
+            .arg("__vsock-proxy")
+            .arg(&uds)
+            .arg("1234")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut p = proxy();
+    p.stdin.take().unwrap().write_all(b"request").unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "request<eof flags=2>");
+    let mut p = proxy();
+    let mut stdin = p.stdin.take().unwrap();
+    stdin.write_all(b"HALF").unwrap();
+    let mut stdout = Vec::new();
+    p.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
+    assert_eq!(stdout, b"HALF");
+    assert!(
+        p.try_wait().unwrap().is_none(),
+        "the proxy exited on the guest's half-close"
+    );
+    stdin.write_all(b"after eof").unwrap();
+    after_ours += 9;
+    drop(stdin);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = p.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the proxy did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+
+    let q = echo_roundtrip(vsock_connect(&uds, 1234), b"QUIT");
+    assert_eq!(q, b"QUIT");
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > LIMIT {
+            let _ = child.kill();
+            panic!("b2p-vmm did not exit after QUIT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!console.contains("probe: FAIL"), "{console}\n{stderr}");
+    assert_eq!(status.code(), Some(0), "{console}\n{stderr}");
+    // Two host half-closes and one through the proxy; as many by the guest;
+    // every byte sent after the guest's half-close arrived.
+    let needle = format!(
+        "probe: vsock half-close: 3 by the peer, 6 by us, {after_ours} bytes received after ours"
+    );
+    assert!(
+        console.contains(&needle),
+        "console lacks {needle:?}\n{console}"
+    );
 }

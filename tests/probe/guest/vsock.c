@@ -6,6 +6,12 @@
  *   probe.vsock_connect=PORT  a guest-initiated connection to CID 2 PORT:
  *                             sends "hello from the probe\n", prints the reply
  *   probe.vsock_ms=N          overall limit (default 60000)
+ * Half-close on echo connections, both ways:
+ *   - the peer's SHUTDOWN(SEND) alone: everything pending is echoed, then
+ *     "<eof flags=F>" (F the flags received), then our SHUTDOWN(SEND);
+ *   - a payload starting "HALF": echoed, then our SHUTDOWN(SEND); what the
+ *     peer still sends is counted (not echoed) and reported at the end.
+ *   A SHUTDOWN with both flags (or after both sides shut) gets RST.
  * Credit-based flow control both ways (buf_alloc/fwd_cnt), RST for unknown
  * connections, interrupt-driven completion.
  */
@@ -52,6 +58,9 @@ struct conn {
 	u32 pend_len;
 	u8 *pend;
 	int closing;
+	int shut_after_flush;	/* send SHUTDOWN(SEND) once pend is empty */
+	int shut_sent;		/* we sent SHUTDOWN(SEND) */
+	int peer_eof;		/* the peer sent SHUTDOWN(SEND) */
 };
 
 struct slot {
@@ -70,6 +79,7 @@ static int tx_of_head[VQ_SIZE] NOINIT;
 static u64 guest_cid;
 static struct vdev *dev;
 static u32 n_conns, n_bytes, n_closed, max_open, open_now;
+static u32 n_peer_half, n_our_half, n_after_shut;
 static int quit, connect_state;
 static char connect_reply[64];
 
@@ -180,6 +190,21 @@ static void flush(struct conn *c)
 		if (c->pend_len)
 			copy(c->pend, c->pend + n, c->pend_len);
 	}
+	if (c->shut_after_flush && !c->shut_sent) {
+		if (send_pkt(c, c->peer_cid, c->local_port, c->peer_port, OP_SHUTDOWN, 2, NULL, 0))
+			return;
+		c->shut_after_flush = 0;
+		c->shut_sent = 1;
+		n_our_half++;
+	}
+}
+
+static void append(struct conn *c, const u8 *data, u32 n)
+{
+	if (c->pend_len + n > BUF_ALLOC)
+		n = BUF_ALLOC - c->pend_len;
+	copy(c->pend + c->pend_len, data, n);
+	c->pend_len += n;
 }
 
 static void handle(const struct vsock_hdr *h, const u8 *data, u32 dlen, u32 echo_port)
@@ -249,8 +274,26 @@ static void handle(const struct vsock_hdr *h, const u8 *data, u32 dlen, u32 echo
 			send_pkt(c, c->peer_cid, c->local_port, c->peer_port, OP_SHUTDOWN, 3, NULL, 0);
 			return;
 		}
+		if (c->shut_sent || c->peer_eof) {
+			/* We shut our sending side: count, consume, never echo. A
+			 * peer that said it sends no more and does is reset. */
+			if (c->peer_eof) {
+				fail("vsock: data after the peer's SHUTDOWN(SEND)");
+				send_pkt(c, c->peer_cid, c->local_port, c->peer_port, OP_RST, 0, NULL, 0);
+				drop(c);
+				return;
+			}
+			n_after_shut += dlen;
+			c->fwd_cnt += dlen;
+			if (c->fwd_cnt % 4096 < dlen)
+				send_pkt(c, c->peer_cid, c->local_port, c->peer_port, OP_CREDIT_UPDATE, 0,
+					 NULL, 0);
+			return;
+		}
 		if (dlen >= 4 && !memcmp(data, "QUIT", 4))
 			quit = 1;
+		if (dlen >= 4 && !memcmp(data, "HALF", 4))
+			c->shut_after_flush = 1;
 		if (c->pend_len + dlen > BUF_ALLOC) {
 			fail("vsock: peer overran our credit on port %u", c->peer_port);
 			send_pkt(c, c->peer_cid, c->local_port, c->peer_port, OP_RST, 0, NULL, 0);
@@ -270,6 +313,19 @@ static void handle(const struct vsock_hdr *h, const u8 *data, u32 dlen, u32 echo
 			flush(c);
 		return;
 	case OP_SHUTDOWN:
+		if (c && !c->outgoing && h->flags == 2 && !c->peer_eof) {
+			/* Half-close: the peer still reads. Echo the rest, say what
+			 * was seen, then shut our side too. */
+			static char note[] = "<eof flags=2>";
+			c->peer_eof = 1;
+			n_peer_half++;
+			if (!c->shut_sent) {
+				append(c, (const u8 *)note, sizeof(note) - 1);
+				c->shut_after_flush = 1;
+				flush(c);
+			}
+			return;
+		}
 		if (c) {
 			if (c->outgoing && connect_state < 4)
 				connect_state = 4;
@@ -366,7 +422,7 @@ void virtio_vsock_test(struct vdev *d)
 		}
 		reap_tx();
 		for (int i = 0; i < MAX_CONNS; i++)
-			if (conns[i].used && conns[i].pend_len)
+			if (conns[i].used && (conns[i].pend_len || conns[i].shut_after_flush))
 				flush(&conns[i]);
 		int connect_done = !connect || connect_state >= 4 || connect_state < 0;
 		int echo_done = !echo || quit;
@@ -397,6 +453,8 @@ void virtio_vsock_test(struct vdev *d)
 	if (echo) {
 		pr("probe: vsock echo served %u connections (%u at once), %u bytes, %u closed\n", n_conns,
 		   max_open, n_bytes, n_closed);
+		pr("probe: vsock half-close: %u by the peer, %u by us, %u bytes received after ours\n",
+		   n_peer_half, n_our_half, n_after_shut);
 		if (!quit)
 			fail("vsock: echo server timed out after %lu ms without QUIT", limit);
 		else
