@@ -4,6 +4,7 @@
 //! then SIGTERM to the VM process, then SIGKILL), waiting for the guest's
 //! agent, `rm`.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -246,9 +247,23 @@ pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
     // A machine made before directories were private becomes private.
     std::fs::set_permissions(&m.dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private", m.dir.display()))?;
-    let _ = std::fs::remove_file(m.pid_path());
-    let log = private_file(&m.vmm_log_path(), true)
+    // vmm.log is locked for as long as the VM process lives (the lock is
+    // on the open file, which the VM process inherits as its stdout and
+    // stderr): a second start racing this one is refused before it
+    // empties the log or touches the pid file.
+    let log = private_file(&m.vmm_log_path(), false)
         .with_context(|| format!("opening {}", m.vmm_log_path().display()))?;
+    // SAFETY: flock on an fd we own; no memory is passed.
+    if unsafe { libc::flock(log.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "machine {} is already starting or running ({} is locked)",
+            m.name,
+            m.vmm_log_path().display()
+        );
+    }
+    log.set_len(0)
+        .with_context(|| format!("emptying {}", m.vmm_log_path().display()))?;
+    let _ = std::fs::remove_file(m.pid_path());
     let exe = std::env::current_exe().context("locating the b2p binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg(RUN_VM)

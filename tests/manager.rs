@@ -678,3 +678,42 @@ fn machine_files_are_private_from_a_neighbour() {
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
     assert_eq!(h.ok(&["status", "vm1"]).trim(), "Stopped");
 }
+
+/// A start racing another one (here: vmm.log locked as a starting VM
+/// process holds it) is refused before it empties vmm.log or touches the
+/// pid file.
+#[test]
+fn a_second_start_leaves_the_first_alone() {
+    let test = "manager_start_race";
+    if no_ssh_keygen(test) {
+        return;
+    }
+    let h = Home::new(test);
+    let kernel = write_file(&h.dir, "vmlinuz", b"not booted by this test");
+    h.ok(&["create", "m", "--kernel", &kernel.display().to_string()]);
+    let dir = h.machine_dir("m");
+    std::fs::write(dir.join("vmm.log"), b"the first start's log\n").unwrap();
+    std::fs::write(dir.join("pid"), b"the first start's pid file\n").unwrap();
+    let held = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("vmm.log"))
+        .unwrap();
+    // SAFETY: flock on an fd we own.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&held),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    assert_eq!(rc, 0);
+    h.fails(&["start", "m", "--no-wait"], "already starting or running");
+    assert_eq!(
+        std::fs::read(dir.join("vmm.log")).unwrap(),
+        b"the first start's log\n"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("pid")).unwrap(),
+        b"the first start's pid file\n"
+    );
+    drop(held);
+}
