@@ -256,6 +256,17 @@ fn start_status_stop_with_the_probe_guest() {
     let inspect: serde_json::Value = serde_json::from_str(&h.ok(&["inspect", "vm1"])).unwrap();
     let pid = inspect["pid"].as_u64().expect("no pid while running");
     assert!(Path::new(&format!("/proc/{pid}")).exists());
+    // The running VM process holds vmm.log's lock (a racing start is refused).
+    let log = std::fs::File::open(dir.join("vmm.log")).unwrap();
+    // SAFETY: flock on an fd we own.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&log),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    assert_ne!(rc, 0, "vmm.log is not locked while the VM runs");
+    drop(log);
 
     // The guest runs, with the machine's devices: its console, and the
     // host ends of vsock (hybrid socket, varlink and podman ports).
