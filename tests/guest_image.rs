@@ -532,7 +532,9 @@ fn shutdown_leaves_the_data_disk_clean() {
             t
         };
         let exited = g.wait_exit(Duration::from_secs(300));
-        shutdowns.push(t.elapsed());
+        if cycle % 2 == 0 {
+            shutdowns.push(t.elapsed());
+        }
         let console = g.console();
         assert!(
             exited.is_some(),
@@ -588,8 +590,8 @@ fn shutdown_leaves_the_data_disk_clean() {
     assert_eq!(in_guest.len(), cycles, "a shutdown did not log its time");
     let (gmin, gmed, gmax) = min_median_max(&mut in_guest);
     eprintln!(
-        "FIGURES: {cycles} boot/shutdown cycles, all clean; shutdown request -> QEMU exit \
-         min {smin:.1?} median {smed:.1?} max {smax:.1?}; the shutdown script \
+        "FIGURES: {cycles} boot/shutdown cycles, all clean; io.b2p.Machine.Shutdown -> QEMU \
+         exit min {smin:.1?} median {smed:.1?} max {smax:.1?}; the shutdown script \
          min {gmin:.1?} median {gmed:.1?} max {gmax:.1?}; QEMU start -> first GetVersion \
          answered min {vmin:.1?} median {vmed:.1?} max {vmax:.1?}"
     );
