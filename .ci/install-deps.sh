@@ -3,7 +3,8 @@
 # Debian 12 machine: the guest image's build deps (guest-image/install-deps.sh),
 # the peers the tests drive (QEMU, Podman, socat, iproute2, ssh and
 # ssh-keygen for the manager), the Python varlink
-# client and vhost-device-vsock (the vsock peer of tests/agent_vsock.rs).
+# client, vhost-device-vsock (the vsock peer of tests/agent_vsock.rs) and
+# cargo-fuzz (CI builds the fuzz targets with the nightly toolchain).
 # Idempotent: a machine that has everything installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,4 +32,9 @@ fi
 if ! command -v vhost-device-vsock >/dev/null && [ ! -x "$HOME/.cargo/bin/vhost-device-vsock" ]; then
   echo "installing: vhost-device-vsock (cargo install, a few minutes)"
   cargo install --locked vhost-device-vsock
+fi
+
+if ! command -v cargo-fuzz >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo-fuzz" ]; then
+  echo "installing: cargo-fuzz (cargo install, a few minutes)"
+  cargo install --locked cargo-fuzz
 fi
