@@ -331,7 +331,8 @@ fn rules_for(role: Role) -> Result<Rules, String> {
         }
         Role::Main => {
             // Waiting for the guest, kicking and joining the vCPUs,
-            // restoring the terminal, removing the manager's pid file, and
+            // restoring the terminal, removing the manager's pid file, ending
+            // the passt process it started, and
             // spawning the signal thread (which inherits this filter and
             // waits in rt_sigtimedwait). No open, rename or socket: what
             // must be written before the guest runs goes in
@@ -355,6 +356,12 @@ fn rules_for(role: Role) -> Result<Rules, String> {
                 )?])?],
             );
             r.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64])?);
+            // Ending and reaping the `--net passt` process at teardown.
+            r.insert(
+                libc::SYS_kill,
+                arg_in(1, &[libc::SIGTERM as u64, libc::SIGKILL as u64])?,
+            );
+            allow(&mut r, &[libc::SYS_wait4]);
             r.insert(
                 libc::SYS_ioctl,
                 arg_in(1, &[TCGETS, TCSETS, TCSETSW, TCSETSF])?,
@@ -504,7 +511,9 @@ fn selftest_requested(_: Role) -> bool {
 static PROGRAM: OnceLock<&'static str> = OnceLock::new();
 
 thread_local! {
-    static THREAD_ROLE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("unfiltered") };
+    /// The role whose filter this thread installed ("" for a thread that
+    /// inherited its creator's, like the signal thread).
+    static THREAD_ROLE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
 }
 
 fn install_sigsys_handler() -> Result<(), SeccompError> {
@@ -545,9 +554,13 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
         len += n;
     };
     push(PROGRAM.get().copied().unwrap_or("b2p-vmm").as_bytes());
-    push(b": error: seccomp: the ");
-    push(role.as_bytes());
-    push(b" thread made a forbidden system call (number ");
+    if role.is_empty() {
+        push(b": error: seccomp: a thread made a forbidden system call (number ");
+    } else {
+        push(b": error: seccomp: the ");
+        push(role.as_bytes());
+        push(b" thread made a forbidden system call (number ");
+    }
     let mut digits = [0u8; 12];
     let mut i = digits.len();
     let mut v = i64::from(nr).unsigned_abs();
