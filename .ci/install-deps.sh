@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what b2p's build and `cargo test --workspace` need on a fresh
 # Debian 12 machine: the guest image's build deps (guest-image/install-deps.sh),
-# the peers the tests drive (QEMU, Podman, socat, iproute2, ssh and
+# the peers the tests drive (QEMU, Podman, passt, socat, iproute2, ssh and
 # ssh-keygen for the manager), the Python varlink
 # client, vhost-device-vsock (the vsock peer of tests/agent_vsock.rs) and
 # cargo-fuzz (CI builds the fuzz targets with the nightly toolchain).
@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 bash guest-image/install-deps.sh
 
 APT_PKGS=(qemu-system-x86 qemu-utils podman crun conmon busybox-static
-          iproute2 socat util-linux strace gcc binutils python3 openssh-client)
+          iproute2 socat util-linux strace gcc binutils python3 openssh-client
+          passt)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
