@@ -8,7 +8,10 @@
 //! per-registration token, never a raw fd, so a recycled fd number cannot
 //! receive a stale event.
 //!
-//! Bounds: at most [`MAX_CONNECTIONS`] connections plus handshakes; the RX
+//! Bounds: at most [`MAX_CONNECTIONS`] connections and, apart from them,
+//! [`MAX_HANDSHAKES`] pending `CONNECT` handshakes (the oldest gives way to
+//! a new one, and each is drained into its own line buffer so a stalled
+//! client leaves nothing readable to wake the loop); the RX
 //! queue holds each connection at most once plus RSTs for unknown
 //! connections, and [`Muxer::tx_blocked`] tells the device to stop taking
 //! TX packets while that queue is long (the guest must take RX first).
