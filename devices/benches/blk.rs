@@ -1,19 +1,19 @@
 //! virtio-blk throughput, in-process: requests go through the MMIO
-//! transport, the event loop (queue eventfd) and the device into a real
-//! file, against plain pread/pwrite of the same sizes and offsets on the
-//! same file. Run: `cargo bench -p b2p-devices --bench blk`
+//! transport, the queue eventfd and the disk's worker thread into a real
+//! file (the driver waits on the interrupt eventfd, as a guest would), against
+//! plain pread/pwrite of the same sizes and offsets on the same file. Run: `cargo bench -p b2p-devices --bench blk`
 //! (env B2P_BENCH_DIR picks the directory of the image, default the temp dir;
 //! B2P_BENCH_ONLY=TEXT runs only the workloads whose name contains TEXT).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use b2p_devices::virtio::block::{req_status, req_type, Block, BlockConfig};
 use b2p_devices::virtio::mmio::MmioTransport;
 use b2p_devices::virtio::testing::{guest_memory, Arena, Seg, TestDriver};
-use event_manager::{EventManager, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 
 const FILE_SIZE: u64 = 256 << 20;
@@ -21,7 +21,7 @@ const QUEUE_DEPTH: usize = 32;
 
 struct Dev {
     d: TestDriver,
-    em: EventManager<Arc<Mutex<Block>>>,
+    _blk: Arc<Mutex<Block>>,
     hdrs: Vec<GuestAddress>,
     bufs: Vec<GuestAddress>,
     stats: Vec<GuestAddress>,
@@ -38,12 +38,9 @@ impl Dev {
         .unwrap();
         let blk = Arc::new(Mutex::new(blk));
         let t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
-        let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
-        em.add_subscriber(blk);
         let size = (QUEUE_DEPTH * req + (7 << 20)) as u64;
         let mut d = TestDriver::new(mem, t, Arena::new(GuestAddress(0x10000), size));
         d.init(1 << 9 | 1 << 29, 256).unwrap(); // FLUSH, EVENT_IDX
-        em.run_with_timeout(100).unwrap();
         let mut hdrs = Vec::new();
         let mut bufs = Vec::new();
         let mut stats = Vec::new();
@@ -54,7 +51,7 @@ impl Dev {
         }
         Dev {
             d,
-            em,
+            _blk: blk,
             hdrs,
             bufs,
             stats,
@@ -85,17 +82,29 @@ impl Dev {
             self.d.set_used_event(0, last);
             self.d.notify(0);
             let mut got = 0;
+            let irq = self.d.transport.irq();
             while got < batch.len() {
-                self.em.run_with_timeout(1000).unwrap();
+                wait_readable(irq.irq_evt().as_raw_fd());
+                let _ = irq.irq_evt().read();
                 got += self.d.used(0).len();
             }
-            let _ = self.d.transport.irq().irq_evt().read();
             for s in &self.stats[..batch.len()] {
                 let st: u8 = self.d.mem.read_obj(*s).unwrap();
                 assert_eq!(st, req_status::OK);
             }
         }
     }
+}
+
+/// Blocks until `fd` is readable (the interrupt), at most a second.
+fn wait_readable(fd: i32) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd we pass.
+    unsafe { libc::poll(&mut p, 1, 1000) };
 }
 
 /// The baseline: one pread/pwrite per request, rotating over as many

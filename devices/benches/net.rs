@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use b2p_devices::virtio::iovec::{IoVecBuf, IoVecBufMut, IoVecStorage};
 use b2p_devices::virtio::mmio::MmioTransport;
 use b2p_devices::virtio::net::device::features;
 use b2p_devices::virtio::net::netns::{in_netns, is_root, Packet, ETHERTYPE, TAP};
@@ -137,10 +138,8 @@ fn tx_device(len: usize, frames: usize) -> (u64, u64, Duration) {
 fn tx_plain(len: usize, frames: usize) -> (u64, u64, Duration) {
     let tap = Tap::open(TAP).expect("opening the TAP");
     tx_run(len, |chain| {
-        let iov = [libc::iovec {
-            iov_base: chain.as_mut_ptr() as *mut libc::c_void,
-            iov_len: chain.len(),
-        }];
+        let mut iov = IoVecBuf::new(u64::MAX);
+        iov.push_slice(chain).unwrap();
         for _ in 0..frames {
             let _ = tap.writev(&iov);
         }
@@ -216,16 +215,17 @@ fn rx_device(len: usize, frames: usize) -> (u64, u64, Duration) {
 fn rx_plain(len: usize, frames: usize) -> (u64, u64, Duration) {
     let tap = Tap::open(TAP).expect("opening the TAP");
     let mut buf = vec![0u8; VNET_HDR_LEN + 65536];
-    let iov = [libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    }];
+    let mut storage = IoVecStorage::with_capacity(1);
     let sent = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let tx = flood(len, frames, sent);
     let (mut got, mut bytes, mut last) = (0u64, 0u64, start);
     while last.elapsed() < IDLE || !tx.is_finished() {
-        match tap.readv(&iov) {
+        let mut iov = IoVecBufMut::with_storage(std::mem::take(&mut storage), u64::MAX);
+        iov.push_slice(&mut buf).unwrap();
+        let r = tap.readv(&mut iov);
+        storage = iov.into_storage();
+        match r {
             Ok(n) if n > VNET_HDR_LEN => {
                 if is_ours(&buf[VNET_HDR_LEN..], n - VNET_HDR_LEN) {
                     got += 1;

@@ -1,5 +1,7 @@
 //! virtio-blk driven in-process through the MMIO transport by the test
-//! driver, on real image files in temporary directories.
+//! driver, on real image files in temporary directories. The device serves
+//! its queue on its own worker thread: `H::pump` waits for that thread to
+//! finish what was published.
 
 #[path = "../../tests/common/require.rs"]
 mod require;
@@ -9,6 +11,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use b2p_devices::virtio::block::{req_status, req_type, Block, BlockConfig, BlockError, Syncer};
 use b2p_devices::virtio::mmio::{regs, status, MmioTransport};
@@ -33,7 +36,6 @@ const DISK_SIZE: u64 = 4 << 20;
 
 struct H {
     d: TestDriver,
-    em: EventManager<Arc<Mutex<Block>>>,
     blk: Arc<Mutex<Block>>,
     path: PathBuf,
     _dir: Option<tempfile::TempDir>,
@@ -68,14 +70,11 @@ impl H {
     ) -> H {
         let blk = Arc::new(Mutex::new(blk));
         let t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
-        let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
-        em.add_subscriber(blk.clone());
         let arena = Arena::new(GuestAddress(0x10000), (MEM_SIZE as u64 / 2) - 0x10000);
         let mut d = TestDriver::new(mem, t, arena);
         d.init(features, 256).unwrap();
         let mut h = H {
             d,
-            em,
             blk,
             path,
             _dir: dir,
@@ -92,8 +91,9 @@ impl H {
         H::with_block(blk, path, Some(dir), features)
     }
 
+    /// Waits until the worker has served everything published so far.
     fn pump(&mut self) {
-        self.em.run_with_timeout(50).unwrap();
+        pump(&self.blk);
     }
 
     fn header(&mut self, t: u32, sector: u64) -> GuestAddress {
@@ -111,10 +111,8 @@ impl H {
             self.d.add_chain(0, segs)
         };
         self.d.notify(0);
-        let em = &mut self.em;
-        let used = self.d.poll_used(0, 1, 20, || {
-            em.run_with_timeout(50).unwrap();
-        });
+        let blk = &self.blk;
+        let used = self.d.poll_used(0, 1, 20, || pump(blk));
         assert_eq!(used.len(), 1, "exactly one completion");
         assert_eq!(used[0].id, u32::from(head));
         used[0]
@@ -182,6 +180,13 @@ impl H {
     fn file(&self) -> Vec<u8> {
         std::fs::read(&self.path).unwrap()
     }
+}
+
+fn pump(blk: &Mutex<Block>) {
+    assert!(
+        blk.lock().unwrap().sync(Duration::from_secs(20)),
+        "the disk worker did not finish within 20 s"
+    );
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -390,7 +395,7 @@ fn discard_and_write_zeroes() {
     // WRITE_ZEROES with UNMAP over the second MiB: zeros, deallocated.
     let before = allocated_bytes(&h.path);
     assert_eq!(
-        h.dwz(req_type::WRITE_ZEROES, &[(2048, 1024, 1), (3072, 1024, 1)]),
+        h.dwz(req_type::WRITE_ZEROES, &[(2048, 2048, 1)]),
         req_status::OK
     );
     assert_eq!(h.read(2048, mb).1, vec![0u8; mb]);
@@ -411,6 +416,16 @@ fn discard_and_write_zeroes() {
     assert_eq!(h.dwz(req_type::DISCARD, &[]), req_status::IOERR);
     let many: Vec<_> = (0..33).map(|i| (i * 8, 8, 0)).collect();
     assert_eq!(h.dwz(req_type::DISCARD, &many), req_status::IOERR);
+    // WRITE_ZEROES is one segment of at most 64 MiB (the work of one request
+    // is bounded even where the zeros are written by hand).
+    assert_eq!(
+        h.dwz(req_type::WRITE_ZEROES, &[(0, 8, 0), (8, 8, 0)]),
+        req_status::IOERR
+    );
+    assert_eq!(
+        h.dwz(req_type::WRITE_ZEROES, &[(0, (64 << 20) / 512 + 8, 0)]),
+        req_status::IOERR
+    );
     assert_eq!(h.file().len() as u64, DISK_SIZE, "size kept");
 }
 
@@ -508,10 +523,8 @@ fn flush_syncs_after_covered_writes_and_before_completion() {
         statuses.push(s);
     }
     h.d.notify(0);
-    let em = &mut h.em;
-    let used = h.d.poll_used(0, 5, 20, || {
-        em.run_with_timeout(50).unwrap();
-    });
+    let blk = &h.blk;
+    let used = h.d.poll_used(0, 5, 20, || pump(blk));
     assert_eq!(used.len(), 5);
     for s in &statuses {
         assert_eq!(h.d.read_buf(*s, 1)[0], req_status::OK);
@@ -610,22 +623,216 @@ fn image_lock_refuses_a_second_user() {
     assert!(e.to_string().contains("nope.raw"));
 }
 
+/// `qemu-system-x86_64` holding `path` as a virtio-blk drive (paused, TCG,
+/// no firmware run: `-S`), or None (with a SKIP line) when QEMU is missing.
+fn qemu_drive(test: &str, path: &Path, read_only: bool) -> Option<std::process::Command> {
+    let qemu = "qemu-system-x86_64";
+    if std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        let _ = writeln!(std::io::stderr(), "SKIP: {test}: {qemu} not found");
+        return None;
+    }
+    let mut c = std::process::Command::new(qemu);
+    c.args(["-M", "microvm", "-accel", "tcg", "-S", "-nodefaults"])
+        .args(["-display", "none", "-monitor", "none", "-serial", "none"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=d0,readonly={}",
+            path.display(),
+            if read_only { "on" } else { "off" }
+        ))
+        .args(["-device", "virtio-blk-device,drive=d0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    Some(c)
+}
+
+/// Kills the child on drop (a failing assertion must not leave QEMU running).
+struct Reap(std::process::Child);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
-fn lock_is_visible_to_another_process() {
+fn qemu_holding_the_image_refuses_b2p() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), DISK_SIZE);
-    let _held = Block::new(cfg(&path, false, None)).unwrap();
-    match std::process::Command::new("flock")
-        .args(["-n", "-x"])
-        .arg(&path)
-        .arg("true")
-        .status()
-    {
-        Ok(st) => assert!(!st.success(), "flock(1) got the lock we hold"),
-        Err(e) => {
-            require::skip(&format!("flock(1) not runnable: {e}"));
+    let Some(mut qemu) = qemu_drive("qemu_holding_the_image_refuses_b2p", &path, false) else {
+        return;
+    };
+    let mut q = Reap(qemu.spawn().unwrap());
+    // QEMU takes its locks while it starts: wait for b2p to be refused.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let e = loop {
+        match Block::new(cfg(&path, false, None)) {
+            Err(e) => break e,
+            Ok(b) => drop(b),
         }
+        assert!(
+            q.0.try_wait().unwrap().is_none(),
+            "QEMU exited before taking the image"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "b2p still gets a disk QEMU holds"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(matches!(e, BlockError::InUse { .. }), "{e}");
+    assert!(e.to_string().contains("in use by another VM"), "{e}");
+    // A reader is refused beside QEMU's writer too.
+    let e = Block::new(cfg(&path, true, None)).unwrap_err();
+    assert!(matches!(e, BlockError::InUse { .. }), "{e}");
+    drop(q);
+    Block::new(cfg(&path, false, None)).expect("free once QEMU is gone");
+}
+
+#[test]
+fn b2p_holding_the_image_makes_qemu_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), DISK_SIZE);
+    let test = "b2p_holding_the_image_makes_qemu_refuse";
+    for (b2p_ro, qemu_ro) in [(false, false), (false, true), (true, false)] {
+        let held = Block::new(cfg(&path, b2p_ro, None)).unwrap();
+        let Some(mut qemu) = qemu_drive(test, &path, qemu_ro) else {
+            return;
+        };
+        let mut q = Reap(qemu.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = q.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "QEMU (read-only {qemu_ro}) attached a disk b2p holds (read-only {b2p_ro})"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(q.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{err}");
+        assert!(err.contains("lock"), "QEMU's complaint: {err}");
+        drop(held);
     }
+    // Two readers share: QEMU read-only beside a read-only b2p keeps running.
+    let _held = Block::new(cfg(&path, true, None)).unwrap();
+    let Some(mut qemu) = qemu_drive(test, &path, true) else {
+        return;
+    };
+    let mut q = Reap(qemu.spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        q.0.try_wait().unwrap().is_none(),
+        "QEMU read-only refused beside a read-only b2p"
+    );
+}
+
+/// A FLUSH whose fdatasync takes 2 s.
+struct SlowSync {
+    started: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Syncer for SlowSync {
+    fn sync(&mut self, file: &File) -> std::io::Result<()> {
+        *self.started.lock().unwrap() = Some(Instant::now());
+        std::thread::sleep(Duration::from_secs(2));
+        file.sync_data()
+    }
+}
+
+/// A slow flush on the disk must not stall the event loop that serves the
+/// VM's other devices (vsock, console, rng): the disk's I/O runs on its own
+/// thread. Here a virtio-rng on the same event loop answers within 100 ms
+/// while the flush is in flight.
+#[test]
+fn a_slow_flush_does_not_stall_the_event_loop() {
+    use b2p_devices::virtio::rng::Rng;
+    use event_manager::MutEventSubscriber;
+    type Sub = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), DISK_SIZE);
+    let started = Arc::new(Mutex::new(None));
+    let blk = Block::with_syncer(
+        cfg(&path, false, None),
+        Box::new(SlowSync {
+            started: started.clone(),
+        }),
+    )
+    .unwrap();
+    let blk = Arc::new(Mutex::new(blk));
+    let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+    let mut em = EventManager::<Sub>::new().unwrap();
+    em.add_subscriber(blk.clone());
+    em.add_subscriber(rng.clone());
+    let mem = guest_memory(MEM_SIZE);
+    let t = MmioTransport::new(mem.clone(), blk.clone()).unwrap();
+    let mut bd = TestDriver::new(
+        mem,
+        t,
+        Arena::new(GuestAddress(0x10000), MEM_SIZE as u64 / 2),
+    );
+    bd.init(ALL, 256).unwrap();
+    let rmem = guest_memory(1 << 20);
+    let t = MmioTransport::new(rmem.clone(), rng.clone()).unwrap();
+    let mut rd = TestDriver::new(rmem, t, Arena::new(GuestAddress(0x10000), 0x80000));
+    rd.init(0, 64).unwrap();
+    // The event loop, as the VMM runs it.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let lp = std::thread::spawn(move || {
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            em.run_with_timeout(10).unwrap();
+        }
+    });
+    // FLUSH, and wait until its fdatasync is running.
+    let hd = {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&req_type::FLUSH.to_le_bytes());
+        bd.buf_with(&h)
+    };
+    let st = bd.buf_with(&[0xff]);
+    bd.add_chain(0, &[Seg::ro(hd, 16), Seg::wo(st, 1)]);
+    bd.notify(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while started.lock().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the flush never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Three rng requests while it runs, each answered within 100 ms.
+    for _ in 0..3 {
+        let b = rd.buf(64);
+        rd.add_chain(0, &[Seg::wo(b, 64)]);
+        let t0 = Instant::now();
+        rd.notify(0);
+        let used = rd.poll_used(0, 1, 1000, || std::thread::sleep(Duration::from_millis(1)));
+        let took = t0.elapsed();
+        assert_eq!(used.len(), 1);
+        assert_eq!(used[0].len, 64);
+        assert!(
+            took < Duration::from_millis(100),
+            "rng answered after {took:?} while a flush was in flight"
+        );
+    }
+    let flush_started = started.lock().unwrap().unwrap();
+    assert!(
+        flush_started.elapsed() < Duration::from_secs(2),
+        "the rng requests were not served during the flush"
+    );
+    // The flush completes, OK.
+    let used = bd.poll_used(0, 1, 500, || std::thread::sleep(Duration::from_millis(10)));
+    assert_eq!(used.len(), 1);
+    assert_eq!(bd.read_buf(st, 1)[0], req_status::OK);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    lp.join().unwrap();
 }
 
 #[test]
@@ -922,15 +1129,29 @@ fn hostile_addresses_and_lengths() {
 #[test]
 fn hostile_ring_indices() {
     let mut h = H::new(ALL | F_EVENT_IDX, false, None);
-    // A head index beyond the queue size.
+    let (sa, sv) = sentinel(&mut h);
+    let served = h.blk.lock().unwrap().completed_requests();
+    h.d.take_interrupt();
+    // A head index beyond the queue size: nothing is served, nothing is
+    // written to the used ring, no interrupt.
     h.d.publish(0, 4000);
     h.d.notify(0);
     h.pump();
-    // avail idx jumping far ahead of what we consumed.
+    assert_eq!(h.d.used_idx(0), 0);
+    assert!(h.d.used(0).is_empty());
+    assert_eq!(h.blk.lock().unwrap().completed_requests(), served);
+    // avail idx jumping far ahead of what we consumed: refused as a whole.
     h.d.set_avail_idx(0, 1000);
     h.d.notify(0);
     h.pump();
     h.pump();
+    assert_eq!(h.d.used_idx(0), 0);
+    assert_eq!(h.blk.lock().unwrap().completed_requests(), served);
+    assert_eq!(h.d.take_interrupt(), 0, "no interrupt for refused rings");
+    assert_eq!(h.d.read_buf(sa, 4096), sv, "memory past the arena");
+    // The device still answers its registers and is still active.
+    assert_eq!(h.d.read_reg(regs::MAGIC_VALUE), 0x7472_6976);
+    assert!(h.blk.lock().unwrap().is_active());
     // Recovery is the driver's business (reset); the device must not hang
     // or crash, and reset brings it back.
     h.d.set_status(0);
@@ -938,6 +1159,7 @@ fn hostile_ring_indices() {
     h.d.init(ALL, 256).unwrap();
     h.pump();
     assert_eq!(h.write(0, &pattern(8, 512)), req_status::OK);
+    assert_eq!(h.read(0, 512).1, pattern(8, 512));
 }
 
 #[test]
@@ -1006,14 +1228,34 @@ fn data_survives_reopen() {
         assert_eq!(h.write(64, &pattern(0x42, 65536)), req_status::OK);
         assert_eq!(h.simple(req_type::FLUSH, 0), req_status::OK);
     }
-    let blk = Block::new(cfg(&path, false, None)).unwrap();
-    let mut h = H::with_block(blk, path.clone(), Some(dir), ALL);
-    assert_eq!(h.read(64, 65536).1, pattern(0x42, 65536));
+    {
+        let blk = Block::new(cfg(&path, false, None)).unwrap();
+        let mut h = H::with_block(blk, path.clone(), None, ALL);
+        assert_eq!(h.read(64, 65536).1, pattern(0x42, 65536));
+    }
+    // A partial trailing sector is not exposed: 100 more bytes change
+    // neither the capacity nor what reads past the last whole sector do.
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&path)
         .unwrap();
-    f.write_all(&[0u8; 100]).unwrap(); // a partial trailing sector is not exposed
+    f.write_all(&[0x77u8; 100]).unwrap();
+    drop(f);
+    let blk = Block::new(cfg(&path, false, None)).unwrap();
+    assert_eq!(blk.capacity(), DISK_SIZE / 512);
+    let mut h = H::with_block(blk, path.clone(), Some(dir), ALL);
+    let mut c = [0u8; 8];
+    h.d.read_config(0, &mut c);
+    assert_eq!(u64::from_le_bytes(c), DISK_SIZE / 512);
+    let last = DISK_SIZE / 512 - 1;
+    assert_eq!(h.read(last, 512), (req_status::OK, vec![0u8; 512]));
+    assert_eq!(h.read(last, 1024).0, req_status::IOERR);
+    assert_eq!(h.read(last + 1, 512).0, req_status::IOERR);
+    assert_eq!(h.write(last + 1, &[1u8; 512]), req_status::IOERR);
+    assert_eq!(h.read(64, 65536).1, pattern(0x42, 65536));
+    let on_disk = std::fs::read(&path).unwrap();
+    assert_eq!(on_disk.len() as u64, DISK_SIZE + 100);
+    assert_eq!(&on_disk[DISK_SIZE as usize..], &[0x77u8; 100][..]);
 }
 
 #[test]

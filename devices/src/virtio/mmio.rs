@@ -11,7 +11,7 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::{debug, warn};
+use log::debug;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -22,7 +22,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, IrqLine, VirtioDevice};
-use crate::{BusDevice, GuestMemoryMmap};
+use crate::{warn_limited, BusDevice, GuestMemoryMmap};
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -213,7 +213,7 @@ impl MmioTransport {
 
     fn update_selected_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if !self.queue_writable() {
-            warn!(
+            warn_limited!(
                 "virtio-mmio: queue register write in status {:#x} ignored",
                 self.status
             );
@@ -221,7 +221,7 @@ impl MmioTransport {
         }
         match self.queues.get_mut(self.queue_sel as usize) {
             Some(q) => f(q),
-            None => warn!(
+            None => warn_limited!(
                 "virtio-mmio: write to non-existent queue {} ignored",
                 self.queue_sel
             ),
@@ -263,7 +263,7 @@ impl MmioTransport {
             regs::QUEUE_SEL => self.queue_sel = v,
             regs::QUEUE_NUM => self.update_selected_queue(|q| {
                 if v > u32::from(u16::MAX) || q.try_set_size(v as u16).is_err() {
-                    warn!("virtio-mmio: invalid queue size {v} ignored");
+                    warn_limited!("virtio-mmio: invalid queue size {v} ignored");
                 }
             }),
             regs::QUEUE_READY => self.update_selected_queue(|q| q.set_ready(v == 1)),
@@ -289,7 +289,9 @@ impl MmioTransport {
             regs::INTERRUPT_ACK => self.irq.ack(v),
             regs::STATUS => self.write_status(v),
             regs::SHM_SEL => {}
-            _ => warn!("virtio-mmio: write {v:#x} to unknown/read-only register {offset:#x}"),
+            _ => {
+                warn_limited!("virtio-mmio: write {v:#x} to unknown/read-only register {offset:#x}")
+            }
         }
     }
 
@@ -298,7 +300,7 @@ impl MmioTransport {
             status::ACKNOWLEDGE | status::DRIVER,
             status::FEATURES_OK | status::FAILED,
         ) {
-            warn!(
+            warn_limited!(
                 "virtio-mmio: DriverFeatures write in status {:#x} ignored",
                 self.status
             );
@@ -309,7 +311,9 @@ impl MmioTransport {
             1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32),
             sel => {
                 if v != 0 {
-                    warn!("virtio-mmio: driver acked features {v:#x} in page {sel}, none offered");
+                    warn_limited!(
+                        "virtio-mmio: driver acked features {v:#x} in page {sel}, none offered"
+                    );
                     // Remember the violation so FEATURES_OK is refused.
                     self.features_violation = true;
                 }
@@ -323,11 +327,11 @@ impl MmioTransport {
         match self.queue_evts.get(v as usize) {
             Some(evt) if self.activated => {
                 if let Err(e) = evt.write(1) {
-                    warn!("virtio-mmio: queue {v} notify: {e}");
+                    warn_limited!("virtio-mmio: queue {v} notify: {e}");
                 }
             }
             Some(_) => debug!("virtio-mmio: notify of queue {v} before activation ignored"),
-            None => warn!("virtio-mmio: notify of non-existent queue {v} ignored"),
+            None => warn_limited!("virtio-mmio: notify of non-existent queue {v} ignored"),
         }
     }
 
@@ -339,7 +343,7 @@ impl MmioTransport {
         let old = self.status;
         // Status bits are only ever added (except by reset).
         if v & old != old {
-            warn!("virtio-mmio: status {old:#x} -> {v:#x} clears bits; ignored");
+            warn_limited!("virtio-mmio: status {old:#x} -> {v:#x} clears bits; ignored");
             return;
         }
         let added = v & !old;
@@ -349,7 +353,7 @@ impl MmioTransport {
             return;
         }
         if old & (status::FAILED | status::DEVICE_NEEDS_RESET) != 0 {
-            warn!(
+            warn_limited!(
                 "virtio-mmio: status {v:#x} after FAILED/DEVICE_NEEDS_RESET ignored; reset first"
             );
             return;
@@ -363,9 +367,10 @@ impl MmioTransport {
                     self.status = v;
                 } else {
                     // The driver reads Status back and sees FEATURES_OK unset.
-                    warn!(
+                    warn_limited!(
                         "virtio-mmio: features {:#x} refused (offered {:#x})",
-                        self.acked_features, self.avail_features
+                        self.acked_features,
+                        self.avail_features
                     );
                 }
             }
@@ -375,7 +380,7 @@ impl MmioTransport {
                 self.status = v;
                 self.activate();
             }
-            _ => warn!("virtio-mmio: illegal status transition {old:#x} -> {v:#x} ignored"),
+            _ => warn_limited!("virtio-mmio: illegal status transition {old:#x} -> {v:#x} ignored"),
         }
     }
 
@@ -389,7 +394,7 @@ impl MmioTransport {
         self.status |= status::DEVICE_NEEDS_RESET;
         if self.status & status::DRIVER_OK != 0 {
             if let Err(e) = self.irq.signal_config_change() {
-                warn!("virtio-mmio: config interrupt: {e}");
+                warn_limited!("virtio-mmio: config interrupt: {e}");
             }
         }
     }
@@ -399,7 +404,7 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter().enumerate() {
             if !q.is_valid(&self.mem) {
-                warn!(
+                warn_limited!(
                     "virtio-mmio: device type {}: queue {i} not ready or outside guest memory",
                     self.device_type
                 );
@@ -411,7 +416,7 @@ impl MmioTransport {
             match Queue::try_from(state) {
                 Ok(q) => queues.push(q),
                 Err(e) => {
-                    warn!("virtio-mmio: queue {i}: {e}");
+                    warn_limited!("virtio-mmio: queue {i}: {e}");
                     self.set_needs_reset();
                     return;
                 }
@@ -422,7 +427,7 @@ impl MmioTransport {
             match evt.try_clone() {
                 Ok(e) => queue_evts.push(e),
                 Err(e) => {
-                    warn!("virtio-mmio: cloning a queue eventfd: {e}");
+                    warn_limited!("virtio-mmio: cloning a queue eventfd: {e}");
                     self.set_needs_reset();
                     return;
                 }
@@ -439,7 +444,7 @@ impl MmioTransport {
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                warn!(
+                warn_limited!(
                     "virtio-mmio: device type {} failed to activate: {e}",
                     self.device_type
                 );
@@ -452,7 +457,7 @@ impl MmioTransport {
         if self.activated {
             let ok = lock_device(&self.device).reset();
             if !ok {
-                warn!("virtio-mmio: device type {} cannot reset", self.device_type);
+                warn_limited!("virtio-mmio: device type {} cannot reset", self.device_type);
                 self.status |= status::DEVICE_NEEDS_RESET;
                 return;
             }
@@ -484,7 +489,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            warn!(
+            warn_limited!(
                 "virtio-mmio: {}-byte read at {offset:#x}: registers are 32-bit aligned",
                 data.len()
             );
@@ -501,14 +506,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(
+            warn_limited!(
                 "virtio-mmio: {}-byte write at {offset:#x}: registers are 32-bit",
                 data.len()
             );
             return;
         };
         if !offset.is_multiple_of(4) {
-            warn!("virtio-mmio: unaligned write at {offset:#x} ignored");
+            warn_limited!("virtio-mmio: unaligned write at {offset:#x} ignored");
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));

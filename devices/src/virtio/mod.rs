@@ -27,6 +27,7 @@
 //! guest memory.
 
 pub mod block;
+pub mod iovec;
 pub mod mmio;
 pub mod net;
 pub mod rng;

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
+use crate::{error_limited, warn_limited};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use log::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestMemory, GuestMemoryBackend, Permissions};
+use vm_memory::{GuestMemory, GuestMemoryBackend, Permissions, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{device_type, ActivateContext, ActivateError, IrqLine, VirtioDevice};
@@ -45,12 +45,13 @@ impl std::fmt::Debug for Rng {
     }
 }
 
-/// Fill `buf` (raw host memory of guest RAM) from getrandom.
-fn fill_random(ptr: *mut u8, len: usize) -> std::io::Result<()> {
+/// Fill a slice of guest memory from getrandom.
+fn fill_random(s: &VolatileSlice<'_>) -> std::io::Result<()> {
+    let (ptr, len) = (s.ptr_guard_mut().as_ptr(), s.len());
     let mut done = 0usize;
     while done < len {
-        // SAFETY: `ptr..ptr+len` is a guest memory slice resolved by vm-memory
-        // and valid for writes for the duration of the call.
+        // SAFETY: a VolatileSlice is valid for writes of its length for its
+        // lifetime (vm-memory's contract), and done < len.
         let r = unsafe { libc::getrandom(ptr.add(done) as *mut libc::c_void, len - done, 0) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
@@ -70,7 +71,7 @@ fn serve_chain(mem: &GuestMemoryMmap, chain: impl Iterator<Item = Descriptor>) -
     let mut written: u64 = 0;
     for d in chain {
         if !d.is_write_only() {
-            warn!("virtio-rng: device-readable descriptor in a request");
+            warn_limited!("virtio-rng: device-readable descriptor in a request");
             break;
         }
         let len = u64::from(d.len()).min(MAX_BYTES_PER_CHAIN - written);
@@ -82,7 +83,7 @@ fn serve_chain(mem: &GuestMemoryMmap, chain: impl Iterator<Item = Descriptor>) -
         }
         let len = len as usize;
         if !GuestMemoryBackend::check_range(mem, d.addr(), len) {
-            warn!("virtio-rng: buffer outside guest memory");
+            warn_limited!("virtio-rng: buffer outside guest memory");
             break;
         }
         let Ok(slices) = GuestMemory::get_slices(mem, d.addr(), len, Permissions::Write) else {
@@ -90,8 +91,8 @@ fn serve_chain(mem: &GuestMemoryMmap, chain: impl Iterator<Item = Descriptor>) -
         };
         for s in slices {
             let Ok(s) = s else { return written as u32 };
-            if let Err(e) = fill_random(s.ptr_guard_mut().as_ptr(), s.len()) {
-                error!("virtio-rng: getrandom: {e}");
+            if let Err(e) = fill_random(&s) {
+                error_limited!("virtio-rng: getrandom: {e}");
                 return written as u32;
             }
             written += s.len() as u64;
@@ -137,7 +138,7 @@ impl Rng {
                 self.bytes_served += u64::from(n);
                 match a.queue.add_used(&a.mem, head, n) {
                     Ok(()) => added = true,
-                    Err(e) => warn!("virtio-rng: add_used({head}): {e}"),
+                    Err(e) => warn_limited!("virtio-rng: add_used({head}): {e}"),
                 }
             }
             if !event_idx || !matches!(a.queue.enable_notification(&a.mem), Ok(true)) {
@@ -146,7 +147,7 @@ impl Rng {
         }
         if added && a.queue.needs_notification(&a.mem).unwrap_or(true) {
             if let Err(e) = a.irq.signal_used_queue() {
-                error!("virtio-rng: interrupt: {e}");
+                error_limited!("virtio-rng: interrupt: {e}");
             }
         }
     }
@@ -158,7 +159,7 @@ impl Rng {
         if let Some(evt) = self.queue_evt.as_ref() {
             match ops.add(Events::new(evt, EventSet::IN)) {
                 Ok(()) => self.queue_subscribed = true,
-                Err(e) => error!("virtio-rng: cannot watch the queue eventfd: {e:?}"),
+                Err(e) => error_limited!("virtio-rng: cannot watch the queue eventfd: {e:?}"),
             }
         }
     }
@@ -212,7 +213,7 @@ impl VirtioDevice for Rng {
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            error!("virtio-rng: cannot watch the activate eventfd: {e:?}");
+            error_limited!("virtio-rng: cannot watch the activate eventfd: {e:?}");
         }
         if self.is_active() {
             self.subscribe_queue(ops);
@@ -232,7 +233,7 @@ impl MutEventSubscriber for Rng {
             }
             self.process_queue();
         } else {
-            warn!("virtio-rng: event on unknown fd {fd}");
+            warn_limited!("virtio-rng: event on unknown fd {fd}");
         }
     }
 }

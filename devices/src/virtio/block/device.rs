@@ -1,28 +1,34 @@
-//! The virtio-blk device: feature set, config space, activation and the
-//! queue loop that turns available chains into completed requests.
+//! The virtio-blk device: feature set, config space, activation, and the
+//! queue loop ([`Engine`]) that turns available chains into completed
+//! requests. The loop runs on the disk's worker thread (`super::worker`);
+//! [`Block::process_queue`] runs one pass on the calling thread (tests,
+//! benches, fuzzing).
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use log::{error, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{DiskImage, FdataSync, Syncer};
 use super::request::{self, Completion, Context, Scratch};
+use super::worker::Worker;
 use super::{
     BlockConfig, BlockError, DISCARD_SECTOR_ALIGNMENT, ID_BYTES, MAX_DISCARD_SECTORS,
-    MAX_DISCARD_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
+    MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SIZE,
+    SEG_MAX, SIZE_MAX,
 };
 use crate::virtio::{
     device_type, read_config_window, ActivateContext, ActivateError, IrqLine, VirtioDevice,
 };
-use crate::GuestMemoryMmap;
+use crate::{error_limited, warn_limited, GuestMemoryMmap};
 
 /// Size of the config space we expose (through `write_zeroes_may_unmap`).
 const CONFIG_SIZE: usize = 60;
@@ -35,41 +41,50 @@ pub(crate) struct Active {
     pub acked_features: u64,
 }
 
-/// A virtio-blk device on a raw image.
-pub struct Block {
-    pub(crate) disk: DiskImage,
+/// Everything the queue loop touches; owned by the worker's mutex.
+pub(crate) struct Engine {
+    disk: DiskImage,
     id: Option<[u8; ID_BYTES]>,
-    avail_features: u64,
-    config: [u8; CONFIG_SIZE],
     pub(crate) active: Option<Active>,
-    /// Written on activation; the event loop then subscribes the queue.
-    pub(crate) activate_evt: EventFd,
-    /// The queue eventfd, kept across resets (the VMM registered it once).
-    pub(crate) queue_evt: Option<EventFd>,
-    pub(crate) queue_subscribed: bool,
     scratch: Scratch,
     /// (head, used length) of the chains processed in one pass.
     done: Vec<(u16, u32)>,
     /// Completed requests, for tests and metrics.
-    pub(crate) completed: u64,
+    completed: u64,
+}
+
+/// Names the worker threads `b2p-blk0`, `b2p-blk1`, ...
+static DISK_NO: AtomicU32 = AtomicU32::new(0);
+
+/// A virtio-blk device on a raw image.
+pub struct Block {
+    worker: Worker,
+    path: PathBuf,
+    sectors: u64,
+    avail_features: u64,
+    config: [u8; CONFIG_SIZE],
+    active: bool,
 }
 
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
-            .field("disk", &self.disk)
-            .field("active", &self.active.is_some())
+            .field("path", &self.path)
+            .field("sectors", &self.sectors)
+            .field("active", &self.active)
             .finish()
     }
 }
 
 impl Block {
-    /// Open and lock the image; `fdatasync` serves FLUSH.
+    /// Open and lock the image and start its worker thread; `fdatasync`
+    /// serves FLUSH.
     pub fn new(cfg: BlockConfig) -> Result<Block, BlockError> {
         Self::with_syncer(cfg, Box::new(FdataSync))
     }
 
-    /// Like [`Block::new`] with another flush implementation.
+    /// Like [`Block::new`] with another flush implementation (tests use a
+    /// slow or observing one).
     pub fn with_syncer(cfg: BlockConfig, syncer: Box<dyn Syncer>) -> Result<Block, BlockError> {
         let id = match &cfg.serial {
             None => None,
@@ -84,6 +99,7 @@ impl Block {
         let mut avail_features = 1u64 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC;
@@ -92,51 +108,69 @@ impl Block {
         } else {
             avail_features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
-        let config = build_config(disk.sectors());
-        Ok(Block {
+        let sectors = disk.sectors();
+        let config = build_config(sectors);
+        let engine = Engine {
             disk,
             id,
-            avail_features,
-            config,
             active: None,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            queue_evt: None,
-            queue_subscribed: false,
             scratch: Scratch::default(),
             done: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             completed: 0,
+        };
+        let name = format!("b2p-blk{}", DISK_NO.fetch_add(1, Ordering::Relaxed));
+        let worker = Worker::spawn(name, engine).map_err(BlockError::Worker)?;
+        Ok(Block {
+            worker,
+            path: cfg.path,
+            sectors,
+            avail_features,
+            config,
+            active: false,
         })
     }
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk.sectors()
+        self.sectors
     }
 
     /// The image path.
-    pub fn path(&self) -> &std::path::Path {
-        self.disk.path()
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Whether the device is activated.
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
-    /// The eventfd the event loop watches for activation.
-    pub fn activate_evt(&self) -> &EventFd {
-        &self.activate_evt
+        self.active
     }
 
     /// Requests completed since creation.
     pub fn completed_requests(&self) -> u64 {
-        self.completed
+        self.worker.shared.engine().completed
     }
 
-    /// Drain the available ring; signal the driver if it asked for it.
-    /// Called by the event loop on a queue notification (and usable
-    /// directly by in-process tests and benches).
+    /// One pass over the available ring on the calling thread, as the
+    /// worker makes on each notification (for in-process tests, benches and
+    /// fuzzing, which want it synchronous).
     pub fn process_queue(&mut self) {
+        self.worker
+            .shared
+            .engine()
+            .process_queue(&AtomicBool::new(false));
+    }
+
+    /// Waits until the worker has served every chain published before this
+    /// call (tests: the device is asynchronous). False after `timeout`.
+    pub fn sync(&self, timeout: Duration) -> bool {
+        self.worker.sync(timeout)
+    }
+}
+
+impl Engine {
+    /// Drain the available ring; signal the driver if it asked for it.
+    /// Stops early, after the request in flight, once `yield_now` is set.
+    pub(crate) fn process_queue(&mut self, yield_now: &AtomicBool) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -147,7 +181,7 @@ impl Block {
         loop {
             if event_idx {
                 if let Err(e) = queue.disable_notification(mem) {
-                    warn!("virtio-blk: disable notification: {e}");
+                    warn_limited!("virtio-blk: disable notification: {e}");
                     break;
                 }
             }
@@ -157,10 +191,11 @@ impl Block {
                 Ok(it) => it,
                 Err(e) => {
                     // A bogus avail idx: stop here rather than spin.
-                    warn!("virtio-blk: available ring: {e}");
+                    warn_limited!("virtio-blk: available ring: {e}");
                     break;
                 }
             };
+            let mut cut = false;
             for chain in iter.by_ref() {
                 let head = chain.head_index();
                 let mut ctx = Context {
@@ -172,6 +207,10 @@ impl Block {
                 };
                 let Completion { used_len, .. } = request::process(&mut ctx, chain);
                 done.push((head, used_len));
+                if yield_now.load(Ordering::Relaxed) {
+                    cut = true;
+                    break;
+                }
             }
             for &(head, len) in done.iter() {
                 match queue.add_used(mem, head, len) {
@@ -179,17 +218,17 @@ impl Block {
                         added = true;
                         self.completed += 1;
                     }
-                    Err(e) => warn!("virtio-blk: add_used({head}): {e}"),
+                    Err(e) => warn_limited!("virtio-blk: add_used({head}): {e}"),
                 }
             }
-            if !event_idx {
+            if !event_idx || cut {
                 break;
             }
             match queue.enable_notification(mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    warn!("virtio-blk: enable notification: {e}");
+                    warn_limited!("virtio-blk: enable notification: {e}");
                     break;
                 }
             }
@@ -198,11 +237,11 @@ impl Block {
             match queue.needs_notification(mem) {
                 Ok(true) => {
                     if let Err(e) = active.irq.signal_used_queue() {
-                        error!("virtio-blk: interrupt: {e}");
+                        error_limited!("virtio-blk: interrupt: {e}");
                     }
                 }
                 Ok(false) => {}
-                Err(e) => warn!("virtio-blk: needs_notification: {e}"),
+                Err(e) => warn_limited!("virtio-blk: needs_notification: {e}"),
             }
         }
     }
@@ -218,14 +257,15 @@ fn put(cfg: &mut [u8], at: usize, bytes: &[u8]) {
 fn build_config(sectors: u64) -> [u8; CONFIG_SIZE] {
     let mut c = [0u8; CONFIG_SIZE];
     put(&mut c, 0, &sectors.to_le_bytes()); // capacity
+    put(&mut c, 8, &SIZE_MAX.to_le_bytes()); // size_max
     put(&mut c, 12, &SEG_MAX.to_le_bytes()); // seg_max
     put(&mut c, 20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
     put(&mut c, 34, &1u16.to_le_bytes()); // num_queues
     put(&mut c, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
     put(&mut c, 40, &MAX_DISCARD_SEG.to_le_bytes());
     put(&mut c, 44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
-    put(&mut c, 48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
-    put(&mut c, 52, &MAX_DISCARD_SEG.to_le_bytes()); // max_write_zeroes_seg
+    put(&mut c, 48, &MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+    put(&mut c, 52, &MAX_WRITE_ZEROES_SEG.to_le_bytes());
     c[56] = 1; // write_zeroes_may_unmap
     c
 }
@@ -249,14 +289,14 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The block config space is read-only (no CONFIG_WCE).
-        warn!(
+        warn_limited!(
             "virtio-blk: {}-byte config write at {offset:#x} ignored",
             data.len()
         );
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        ctx.check(self.active.is_some(), 1)?;
+        ctx.check(self.active, 1)?;
         let ActivateContext {
             mem,
             acked_features,
@@ -270,21 +310,30 @@ impl VirtioDevice for Block {
                 got: 0,
             });
         };
-        if self.queue_evt.is_none() {
-            self.queue_evt = queue_evts.into_iter().next();
+        let shared = &self.worker.shared;
+        if let Some(evt) = queue_evts.into_iter().next() {
+            // The first activation's eventfd is kept (the VMM registered it once).
+            let _ = shared.queue_evt.set(evt);
         }
-        self.active = Some(Active {
+        shared.engine().active = Some(Active {
             mem,
             queue,
             irq,
             acked_features,
         });
-        self.activate_evt.write(1)?;
+        self.active = true;
+        // Notifications may have arrived before the worker was watching.
+        self.worker.kick();
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        // Waits for the request in flight, if any, then the worker is idle.
+        let shared = &self.worker.shared;
+        shared.yield_now.store(true, Ordering::Relaxed);
+        shared.engine().active = None;
+        shared.yield_now.store(false, Ordering::Relaxed);
+        self.active = false;
         true
     }
 }

@@ -1,5 +1,6 @@
-//! The image file behind a virtio-blk device: opening and locking it,
-//! positional vectored I/O straight into guest memory, flush through a
+//! The image file behind a virtio-blk device: opening and locking it
+//! ([`super::lock`], the locks QEMU takes), positional vectored I/O straight
+//! into guest memory through [`IoVecBuf`]/[`IoVecBufMut`], flush through a
 //! [`Syncer`], and hole punching / zeroing for DISCARD and WRITE_ZEROES.
 
 use std::fs::{File, OpenOptions};
@@ -7,7 +8,33 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use super::lock::{lock_image, LockError};
 use super::BlockError;
+use crate::virtio::iovec::{IoVecBuf, IoVecBufMut};
+
+/// What `rw_all` needs of either buffer type.
+trait Iovs {
+    fn raw(&self) -> &[libc::iovec];
+    fn consume(&mut self, n: usize);
+}
+
+impl Iovs for IoVecBuf<'_> {
+    fn raw(&self) -> &[libc::iovec] {
+        self.as_raw()
+    }
+    fn consume(&mut self, n: usize) {
+        self.advance(n)
+    }
+}
+
+impl Iovs for IoVecBufMut<'_> {
+    fn raw(&self) -> &[libc::iovec] {
+        self.as_raw()
+    }
+    fn consume(&mut self, n: usize) {
+        self.advance(n)
+    }
+}
 
 /// How the disk makes written data durable. The default is [`FdataSync`];
 /// tests plug in an observing implementation to check FLUSH ordering.
@@ -52,9 +79,10 @@ impl std::fmt::Debug for DiskImage {
 }
 
 impl DiskImage {
-    /// Open `path` and take a lock on it: exclusive for a writable disk,
-    /// shared for a read-only one (several readers, never beside a writer).
-    /// A lock held elsewhere is [`BlockError::InUse`].
+    /// Open `path` and lock it as QEMU would (see [`super::lock`]): a
+    /// writable disk excludes every other user, a read-only one shares with
+    /// other readers only. A lock held elsewhere, by another b2p or a QEMU,
+    /// is [`BlockError::InUse`].
     pub fn open(path: &Path, read_only: bool, syncer: Box<dyn Syncer>) -> Result<Self, BlockError> {
         let file = OpenOptions::new()
             .read(true)
@@ -64,27 +92,20 @@ impl DiskImage {
                 path: path.to_owned(),
                 source,
             })?;
-        let op = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on an fd we own. The lock belongs to this open file
-        // description and goes away when `file` is closed.
-        let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-        if r < 0 {
-            let err = io::Error::last_os_error();
-            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                BlockError::InUse {
+        match lock_image(&file, read_only) {
+            Ok(()) => {}
+            Err(LockError::Conflict { .. }) => {
+                return Err(BlockError::InUse {
                     path: path.to_owned(),
                     mode: if read_only { " for writing" } else { "" },
-                }
-            } else {
-                BlockError::Lock {
+                })
+            }
+            Err(LockError::Io(source)) => {
+                return Err(BlockError::Lock {
                     path: path.to_owned(),
-                    source: err,
-                }
-            });
+                    source,
+                })
+            }
         }
         let mut f = &file;
         let size = f
@@ -137,29 +158,32 @@ impl DiskImage {
             .is_some_and(|end| end <= self.sectors() << super::SECTOR_SHIFT)
     }
 
-    /// Fill `iovs` from the image at `offset`. The iovecs must point at
-    /// memory the caller keeps valid and writable for the call.
-    pub fn read_vectored_at(&self, iovs: &mut [libc::iovec], offset: u64) -> io::Result<()> {
-        self.rw_all(iovs, offset, false)
+    /// Fill `buf` from the image at `offset` (all of it, or an error).
+    pub fn read_vectored_at(&self, buf: &mut IoVecBufMut<'_>, offset: u64) -> io::Result<()> {
+        self.rw_all(buf, offset, false)
     }
 
-    /// Write `iovs` to the image at `offset`.
-    pub fn write_vectored_at(&self, iovs: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+    /// Write all of `buf` to the image at `offset`.
+    pub fn write_vectored_at(&self, buf: &mut IoVecBuf<'_>, offset: u64) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
-        self.rw_all(iovs, offset, true)
+        self.rw_all(buf, offset, true)
     }
 
-    fn rw_all(&self, mut iovs: &mut [libc::iovec], mut offset: u64, write: bool) -> io::Result<()> {
+    fn rw_all(&self, buf: &mut dyn Iovs, mut offset: u64, write: bool) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
-        while !iovs.is_empty() {
+        loop {
+            let iovs = buf.raw();
+            if iovs.is_empty() {
+                return Ok(());
+            }
             let cnt = iovs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
             let off = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: the iovecs describe memory the caller guarantees valid
-            // for the call (guest memory slices checked by vm-memory); `cnt`
-            // does not exceed the slice length.
+            // SAFETY: the iovecs come from an IoVecBuf/IoVecBufMut, which
+            // only holds memory valid for its lifetime (resolved guest
+            // memory or a borrowed host slice); `cnt` does not exceed them.
             let r = unsafe {
                 if write {
                     libc::pwritev(fd, iovs.as_ptr(), cnt, off)
@@ -178,20 +202,9 @@ impl DiskImage {
                 // The file shrank under us.
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
             }
-            let mut n = r as usize;
-            offset += n as u64;
-            while let Some(first) = iovs.first_mut() {
-                if n < first.iov_len {
-                    // SAFETY: advancing within the same iovec, n < its length.
-                    first.iov_base = unsafe { (first.iov_base as *mut u8).add(n) } as *mut _;
-                    first.iov_len -= n;
-                    break;
-                }
-                n -= first.iov_len;
-                iovs = &mut iovs[1..];
-            }
+            offset += r as u64;
+            buf.consume(r as usize);
         }
-        Ok(())
     }
 
     /// Make every completed write durable.
@@ -234,11 +247,10 @@ impl DiskImage {
         let end = offset + len;
         while offset < end {
             let n = (end - offset).min(CHUNK as u64) as usize;
-            let mut iov = [libc::iovec {
-                iov_base: self.zeroes.as_mut_ptr() as *mut libc::c_void,
-                iov_len: n,
-            }];
-            self.rw_all(&mut iov, offset, true)?;
+            let mut buf = IoVecBuf::new(CHUNK as u64);
+            buf.push_slice(&self.zeroes[..n])
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            self.rw_all(&mut buf, offset, true)?;
             offset += n as u64;
         }
         Ok(())

@@ -1,15 +1,19 @@
 //! virtio-blk on a raw image file (virtio 1.2 §5.2).
 //!
-//! The split follows Firecracker: [`disk`] owns the image (open, lock,
-//! positional I/O, flush, discard), [`request`] parses one descriptor chain
-//! into a request and executes it against the disk, [`device`] is the
-//! `VirtioDevice` (features, config space, queue processing) and
-//! [`event_handler`] plugs it into the event loop.
+//! The split follows Firecracker: [`disk`] owns the image (open, positional
+//! I/O, flush, discard) and [`lock`] its QEMU-compatible locks, [`request`]
+//! parses one descriptor chain into a request and executes it against the
+//! disk, [`device`] is the `VirtioDevice` (features, config space,
+//! activation, the queue loop), `worker` the thread per disk that runs the
+//! queue loop and so every disk syscall, off the event loop, and
+//! [`event_handler`] plugs the device into the event loop.
 
 pub mod device;
 pub mod disk;
 pub mod event_handler;
+pub mod lock;
 pub mod request;
+mod worker;
 
 use std::path::PathBuf;
 
@@ -25,12 +29,25 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Half the queue, so a descriptor loop (which the ring walker cuts at the
 /// queue size) is always longer than any legal request.
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 / 2 - 2;
+/// Largest data segment the driver may use (VIRTIO_BLK_F_SIZE_MAX): with
+/// SEG_MAX it bounds what one request moves.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most data bytes one IN/OUT request may move (SEG_MAX segments of
+/// SIZE_MAX, 126 MiB; a Linux driver stays within it). A chain that
+/// describes more gets IOERR: its descriptors alone could name 128 × 4 GiB.
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 /// Length of the GET_ID answer.
 pub const ID_BYTES: usize = 20;
-/// DISCARD / WRITE_ZEROES limits advertised in the config space.
+/// DISCARD limits advertised in the config space (hole punching is a
+/// metadata operation, cheap whatever the length).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 23;
 pub const MAX_DISCARD_SEG: u32 = 32;
 pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+/// WRITE_ZEROES limits: one segment (as QEMU advertises) of at most 64 MiB,
+/// so a filesystem without FALLOC_FL_ZERO_RANGE, where the zeros are written
+/// by hand, costs at most 64 MiB of writes per request.
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 17;
+pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
 
 /// Request types.
 pub mod req_type {
@@ -85,4 +102,6 @@ pub enum BlockError {
     SerialTooLong(String),
     #[error("creating an eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("starting the disk's I/O thread: {0}")]
+    Worker(std::io::Error),
 }

@@ -7,21 +7,23 @@
 //! precede writable ones. Every guest range is resolved through vm-memory
 //! before use, so an address outside guest RAM is an I/O error, never an
 //! access. A chain whose status byte cannot be found or written is returned
-//! with a used length of 0.
+//! with a used length of 0. An IN/OUT request moves at most
+//! [`MAX_REQUEST_BYTES`]; DISCARD and WRITE_ZEROES are bounded by their
+//! segment limits, so the work of one request is bounded.
 
-use log::{debug, warn};
+use log::debug;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, Permissions,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 use super::disk::DiskImage;
 use super::{
-    req_status, req_type, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SHIFT,
-    SECTOR_SIZE, SEG_MAX, WRITE_ZEROES_FLAG_UNMAP,
+    req_status, req_type, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_REQUEST_BYTES,
+    MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX,
+    WRITE_ZEROES_FLAG_UNMAP,
 };
-use crate::GuestMemoryMmap;
+use crate::virtio::iovec::{IoVecBuf, IoVecBufMut, IoVecError, IoVecStorage};
+use crate::{warn_limited, GuestMemoryMmap};
 
 /// Most descriptors one request may use.
 pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
@@ -58,12 +60,8 @@ pub struct Scratch {
     readable: Vec<Range>,
     writable: Vec<Range>,
     data: Vec<Range>,
-    iovs: Vec<libc::iovec>,
+    iovs: IoVecStorage,
 }
-
-// SAFETY: the iovecs are cleared after each request and only ever point into
-// guest memory while a request runs on the owning thread.
-unsafe impl Send for Scratch {}
 
 /// Per-device request context.
 pub struct Context<'a> {
@@ -172,29 +170,44 @@ fn write_stream(
     Ok(())
 }
 
-/// Resolve `ranges` into host iovecs (each range may span memory regions).
-fn to_iovecs(
-    mem: &GuestMemoryMmap,
+/// Appends the guest ranges to an iovec buffer (`push` is its `push_guest`).
+fn push_ranges(
     ranges: &[Range],
-    out: &mut Vec<libc::iovec>,
-) -> Result<(), GuestMemoryError> {
-    out.clear();
+    mut push: impl FnMut(GuestAddress, usize) -> Result<(), IoVecError>,
+) -> Result<(), IoVecError> {
     for r in ranges {
-        let len =
-            usize::try_from(r.len).map_err(|_| GuestMemoryError::InvalidGuestAddress(r.addr))?;
-        // Checked up front so an out-of-range tail is an error, not a short list.
-        if !GuestMemoryBackend::check_range(mem, r.addr, len) {
-            return Err(GuestMemoryError::InvalidGuestAddress(r.addr));
-        }
-        for slice in GuestMemory::get_slices(mem, r.addr, len, Permissions::ReadWrite)? {
-            let slice = slice?;
-            out.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-                iov_len: slice.len(),
-            });
-        }
+        let len = usize::try_from(r.len).map_err(|_| IoVecError::TooLong {
+            max: MAX_REQUEST_BYTES,
+        })?;
+        push(r.addr, len)?;
     }
     Ok(())
+}
+
+/// Moves the data of an IN or OUT request between `data` (guest ranges,
+/// at most [`MAX_REQUEST_BYTES`]) and the disk at `offset`.
+fn transfer(
+    mem: &GuestMemoryMmap,
+    disk: &DiskImage,
+    data: &[Range],
+    storage: &mut IoVecStorage,
+    offset: u64,
+    write: bool,
+) -> Result<std::io::Result<()>, IoVecError> {
+    let st = std::mem::take(storage);
+    if write {
+        let mut buf = IoVecBuf::with_storage(st, MAX_REQUEST_BYTES);
+        let built = push_ranges(data, |a, l| buf.push_guest(mem, a, l));
+        let r = built.map(|()| disk.write_vectored_at(&mut buf, offset));
+        *storage = buf.into_storage();
+        r
+    } else {
+        let mut buf = IoVecBufMut::with_storage(st, MAX_REQUEST_BYTES);
+        let built = push_ranges(data, |a, l| buf.push_guest(mem, a, l));
+        let r = built.map(|()| disk.read_vectored_at(&mut buf, offset));
+        *storage = buf.into_storage();
+        r
+    }
 }
 
 /// Split the chain into its readable and writable ranges.
@@ -242,12 +255,12 @@ pub fn process(ctx: &mut Context<'_>, chain: impl Iterator<Item = Descriptor>) -
         req_type: None,
     };
     if let Err(e) = collect(chain, readable, writable) {
-        warn!("virtio-blk: dropping chain: {e}");
+        warn_limited!("virtio-blk: dropping chain: {e}");
         return dropped;
     }
     let w_total = total(writable);
     if w_total == 0 {
-        warn!("virtio-blk: dropping chain: {}", ChainError::NoStatus);
+        warn_limited!("virtio-blk: dropping chain: {}", ChainError::NoStatus);
         return dropped;
     }
     // The status is the last writable byte.
@@ -255,14 +268,15 @@ pub fn process(ctx: &mut Context<'_>, chain: impl Iterator<Item = Descriptor>) -
         return dropped;
     };
     if !GuestMemoryBackend::check_range(ctx.mem, status_addr, 1) {
-        warn!("virtio-blk: status byte outside guest memory; dropping chain");
+        warn_limited!("virtio-blk: status byte outside guest memory; dropping chain");
         return dropped;
     }
     let finish = |status: u8, data_len: u64, req_type: Option<u32>| -> Completion {
         if ctx.mem.write_obj(status, status_addr).is_err() {
             return dropped;
         }
-        // data_len <= w_total - 1 < 2^32 (chains are capped at 4 GiB).
+        // data_len is at most MAX_REQUEST_BYTES (IN) or ID_BYTES (GET_ID),
+        // so this never saturates.
         let used_len = u32::try_from(data_len + 1).unwrap_or(u32::MAX);
         Completion {
             used_len,
@@ -274,7 +288,7 @@ pub fn process(ctx: &mut Context<'_>, chain: impl Iterator<Item = Descriptor>) -
     let r_total = total(readable);
     let mut header = [0u8; HEADER_SIZE as usize];
     if r_total < HEADER_SIZE || read_stream(ctx.mem, readable, 0, &mut header).is_err() {
-        warn!("virtio-blk: {}", ChainError::ShortHeader);
+        warn_limited!("virtio-blk: {}", ChainError::ShortHeader);
         return finish(req_status::IOERR, 0, None);
     }
     let t = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -290,7 +304,13 @@ pub fn process(ctx: &mut Context<'_>, chain: impl Iterator<Item = Descriptor>) -
             let write = t == req_type::OUT;
             let len = if write { out_len } else { in_len };
             if !len.is_multiple_of(SECTOR_SIZE) {
-                warn!("virtio-blk: data length {len} is not a multiple of 512");
+                warn_limited!("virtio-blk: data length {len} is not a multiple of 512");
+                return finish(req_status::IOERR, 0, rt);
+            }
+            if len > MAX_REQUEST_BYTES {
+                warn_limited!(
+                    "virtio-blk: {len}-byte request refused (at most {MAX_REQUEST_BYTES})"
+                );
                 return finish(req_status::IOERR, 0, rt);
             }
             let Some(offset) = sector.checked_mul(SECTOR_SIZE) else {
@@ -308,20 +328,14 @@ pub fn process(ctx: &mut Context<'_>, chain: impl Iterator<Item = Descriptor>) -
             } else {
                 sub_ranges(writable, 0, in_len, data);
             }
-            if to_iovecs(ctx.mem, data, iovs).is_err() {
-                warn!("virtio-blk: data buffer outside guest memory");
-                return finish(req_status::IOERR, 0, rt);
-            }
-            let r = if write {
-                ctx.disk.write_vectored_at(iovs, offset)
-            } else {
-                ctx.disk.read_vectored_at(iovs, offset)
-            };
-            iovs.clear();
-            match r {
-                Ok(()) => finish(req_status::OK, if write { 0 } else { len }, rt),
+            match transfer(ctx.mem, ctx.disk, data, iovs, offset, write) {
                 Err(e) => {
-                    warn!("virtio-blk: {}: {e}", ctx.disk.path().display());
+                    warn_limited!("virtio-blk: data buffer: {e}");
+                    finish(req_status::IOERR, 0, rt)
+                }
+                Ok(Ok(())) => finish(req_status::OK, if write { 0 } else { len }, rt),
+                Ok(Err(e)) => {
+                    warn_limited!("virtio-blk: {}: {e}", ctx.disk.path().display());
                     finish(req_status::IOERR, 0, rt)
                 }
             }
@@ -329,7 +343,7 @@ pub fn process(ctx: &mut Context<'_>, chain: impl Iterator<Item = Descriptor>) -
         req_type::FLUSH => match ctx.disk.flush() {
             Ok(()) => finish(req_status::OK, 0, rt),
             Err(e) => {
-                warn!("virtio-blk: flush {}: {e}", ctx.disk.path().display());
+                warn_limited!("virtio-blk: flush {}: {e}", ctx.disk.path().display());
                 finish(req_status::IOERR, 0, rt)
             }
         },
@@ -374,9 +388,14 @@ fn discard_or_zero(
     out_len: u64,
     discard: bool,
 ) -> u8 {
+    let (max_seg, max_sectors) = if discard {
+        (MAX_DISCARD_SEG, MAX_DISCARD_SECTORS)
+    } else {
+        (MAX_WRITE_ZEROES_SEG, MAX_WRITE_ZEROES_SECTORS)
+    };
     if out_len == 0
         || !out_len.is_multiple_of(DWZ_SEG_SIZE)
-        || out_len / DWZ_SEG_SIZE > MAX_DISCARD_SEG.into()
+        || out_len / DWZ_SEG_SIZE > max_seg.into()
     {
         return req_status::IOERR;
     }
@@ -397,7 +416,7 @@ fn discard_or_zero(
         if flags & !allowed != 0 {
             return req_status::UNSUPP;
         }
-        if num > MAX_DISCARD_SECTORS {
+        if num > max_sectors {
             return req_status::IOERR;
         }
         let Some(offset) = sector.checked_mul(SECTOR_SIZE) else {
@@ -416,7 +435,7 @@ fn discard_or_zero(
             disk.write_zeroes(offset, len, unmap)
         };
         if let Err(e) = r {
-            warn!(
+            warn_limited!(
                 "virtio-blk: discard/write-zeroes {}: {e}",
                 disk.path().display()
             );

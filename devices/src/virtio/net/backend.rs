@@ -8,15 +8,16 @@
 use std::io;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use super::tap::{iov_count, retry_eintr};
+use super::tap::{readv_fd, writev_fd};
 use super::NetError;
+use crate::virtio::iovec::{IoVecBuf, IoVecBufMut};
 
 /// A frame-preserving, non-blocking host end of a virtio-net device.
 pub trait NetBackend: AsRawFd + Send {
     /// Reads one frame (header included); `WouldBlock` when there is none.
-    fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize>;
+    fn readv(&self, buf: &mut IoVecBufMut<'_>) -> io::Result<usize>;
     /// Writes one frame (header included).
-    fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize>;
+    fn writev(&self, buf: &IoVecBuf<'_>) -> io::Result<usize>;
     /// The offloads (`TUN_F_*`) the guest accepts on receive.
     fn set_offload(&self, flags: u32) -> Result<(), NetError>;
     /// A name for messages.
@@ -24,11 +25,11 @@ pub trait NetBackend: AsRawFd + Send {
 }
 
 impl NetBackend for super::Tap {
-    fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        super::Tap::readv(self, iov)
+    fn readv(&self, buf: &mut IoVecBufMut<'_>) -> io::Result<usize> {
+        super::Tap::readv(self, buf)
     }
-    fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        super::Tap::writev(self, iov)
+    fn writev(&self, buf: &IoVecBuf<'_>) -> io::Result<usize> {
+        super::Tap::writev(self, buf)
     }
     fn set_offload(&self, flags: u32) -> Result<(), NetError> {
         super::Tap::set_offload(self, flags)
@@ -73,17 +74,11 @@ impl AsRawFd for SeqPacketBackend {
 }
 
 impl NetBackend for SeqPacketBackend {
-    fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        retry_eintr(|| {
-            // SAFETY: every iovec points at memory valid for writes of its length.
-            unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov_count(iov)) }
-        })
+    fn readv(&self, buf: &mut IoVecBufMut<'_>) -> io::Result<usize> {
+        readv_fd(self.fd.as_raw_fd(), buf)
     }
-    fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        retry_eintr(|| {
-            // SAFETY: every iovec points at memory valid for reads of its length.
-            unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov_count(iov)) }
-        })
+    fn writev(&self, buf: &IoVecBuf<'_>) -> io::Result<usize> {
+        writev_fd(self.fd.as_raw_fd(), buf)
     }
     fn set_offload(&self, _flags: u32) -> Result<(), NetError> {
         Ok(())

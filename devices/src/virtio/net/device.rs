@@ -11,10 +11,9 @@
 use std::io;
 use std::sync::Arc;
 
-use log::{error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
@@ -22,10 +21,11 @@ use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use super::{
     random_mac, MacAddr, NetConfig, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RXQ, TXQ, VNET_HDR_LEN,
 };
+use crate::virtio::iovec::{IoVecBuf, IoVecBufMut, IoVecStorage};
 use crate::virtio::{
     device_type, read_config_window, ActivateContext, ActivateError, IrqLine, VirtioDevice,
 };
-use crate::GuestMemoryMmap;
+use crate::{error_limited, warn_limited, GuestMemoryMmap};
 
 /// Feature bits (virtio 1.2 §5.1.3).
 pub mod features {
@@ -185,42 +185,22 @@ impl Net {
             return false;
         };
         let mut added = false;
-        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(MAX_TX_IOVS);
+        let mut storage = IoVecStorage::with_capacity(MAX_TX_IOVS);
         while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
-            iovs.clear();
-            let mut total = 0usize;
+            // The frame, header included, at most MAX_FRAME_LEN bytes.
+            let mut iovs = IoVecBuf::with_storage(storage, MAX_FRAME_LEN as u64);
             let mut ok = true;
-            'descs: for d in chain {
-                let len = d.len() as usize;
-                if d.is_write_only() || total + len > MAX_FRAME_LEN {
+            for d in chain {
+                if d.is_write_only()
+                    || iovs.push_guest(&a.mem, d.addr(), d.len() as usize).is_err()
+                    || iovs.as_raw().len() > MAX_TX_IOVS
+                {
                     ok = false;
                     break;
                 }
-                if len == 0 {
-                    continue;
-                }
-                let Ok(slices) = GuestMemory::get_slices(&a.mem, d.addr(), len, Permissions::Read)
-                else {
-                    ok = false;
-                    break;
-                };
-                for s in slices {
-                    let Ok(s) = s else {
-                        ok = false;
-                        break 'descs;
-                    };
-                    if iovs.len() == MAX_TX_IOVS {
-                        ok = false;
-                        break 'descs;
-                    }
-                    iovs.push(libc::iovec {
-                        iov_base: s.ptr_guard().as_ptr() as *mut libc::c_void,
-                        iov_len: s.len(),
-                    });
-                }
-                total += len;
             }
+            let total = iovs.len() as usize;
             if ok && total >= VNET_HDR_LEN {
                 match self.tap.writev(&iovs) {
                     Ok(_) => {
@@ -228,16 +208,17 @@ impl Net {
                         self.stats.tx_bytes += (total - VNET_HDR_LEN) as u64;
                     }
                     Err(e) => {
-                        warn!("virtio-net: TAP write: {e}");
+                        warn_limited!("virtio-net: TAP write: {e}");
                         self.stats.tx_dropped += 1;
                     }
                 }
             } else {
-                warn!("virtio-net: malformed TX chain dropped");
+                warn_limited!("virtio-net: malformed TX chain dropped");
                 self.stats.tx_dropped += 1;
             }
+            storage = iovs.into_storage();
             if let Err(e) = q.add_used(&a.mem, head, 0) {
-                warn!("virtio-net: tx add_used({head}): {e}");
+                warn_limited!("virtio-net: tx add_used({head}): {e}");
                 break;
             }
             added = true;
@@ -272,11 +253,11 @@ impl Net {
                     self.rx_blocked = true;
                     break;
                 }
-                let iov = [libc::iovec {
-                    iov_base: self.rx_frame.as_mut_ptr() as *mut libc::c_void,
-                    iov_len: self.rx_frame.len(),
-                }];
-                match self.tap.readv(&iov) {
+                let mut iov = IoVecBufMut::new(MAX_FRAME_LEN as u64);
+                if iov.push_slice(&mut self.rx_frame).is_err() {
+                    break;
+                }
+                match self.tap.readv(&mut iov) {
                     Ok(n) if n < VNET_HDR_LEN => {
                         self.stats.rx_dropped += 1;
                         continue;
@@ -284,7 +265,7 @@ impl Net {
                     Ok(n) => self.rx_len = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        error!("virtio-net: TAP read: {e}");
+                        error_limited!("virtio-net: TAP read: {e}");
                         break;
                     }
                 }
@@ -351,7 +332,7 @@ impl Net {
                 0
             };
             if let Err(e) = q.add_used(&a.mem, *head, used as u32) {
-                warn!("virtio-net: rx add_used({head}): {e}");
+                warn_limited!("virtio-net: rx add_used({head}): {e}");
             }
         }
         if delivered && off == len {
@@ -371,7 +352,7 @@ impl Net {
         if tx || rx {
             if let Some(a) = self.active.as_ref() {
                 if let Err(e) = a.irq.signal_used_queue() {
-                    error!("virtio-net: interrupt: {e}");
+                    error_limited!("virtio-net: interrupt: {e}");
                 }
             }
         }
@@ -425,7 +406,7 @@ impl VirtioDevice for Net {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC is read-only once VERSION_1 is negotiated.
-        warn!(
+        warn_limited!(
             "virtio-net: guest wrote {} bytes of config at {offset:#x}; ignored",
             data.len()
         );
@@ -455,7 +436,7 @@ impl VirtioDevice for Net {
         self.active = None;
         self.rx_len = 0;
         if let Err(e) = self.tap.set_offload(0) {
-            warn!("virtio-net: {e}");
+            warn_limited!("virtio-net: {e}");
         }
         true
     }

@@ -2,8 +2,8 @@
 //! activation the two queue eventfds; the TAP only while the guest has RX
 //! buffers (a frame with nowhere to go must not spin the loop).
 
+use crate::{error_limited, warn_limited};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use log::{error, warn};
 
 use super::device::Net;
 use super::{RXQ, TXQ};
@@ -18,7 +18,7 @@ impl Net {
         }
         for (i, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                error!("virtio-net: cannot watch queue {i}: {e:?}");
+                error_limited!("virtio-net: cannot watch queue {i}: {e:?}");
             }
         }
         self.subscribed = true;
@@ -34,7 +34,7 @@ impl Net {
         let r = if want { ops.add(ev) } else { ops.remove(ev) };
         match r {
             Ok(()) => self.tap_watched = want,
-            Err(e) => error!("virtio-net: TAP watch {want}: {e:?}"),
+            Err(e) => error_limited!("virtio-net: TAP watch {want}: {e:?}"),
         }
     }
 }
@@ -46,7 +46,7 @@ impl MutEventSubscriber for Net {
             DATA_ACTIVATE,
             EventSet::IN,
         )) {
-            error!("virtio-net: cannot watch the activate eventfd: {e:?}");
+            error_limited!("virtio-net: cannot watch the activate eventfd: {e:?}");
         }
         if self.is_active() {
             self.subscribe_queues(ops);
@@ -70,7 +70,7 @@ impl MutEventSubscriber for Net {
                 self.process_all();
             }
             DATA_TAP => self.process_all(),
-            other => warn!("virtio-net: event with unknown data {other}"),
+            other => warn_limited!("virtio-net: event with unknown data {other}"),
         }
         self.sync_tap(ops);
     }

@@ -12,6 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 
 use super::{NetError, VNET_HDR_LEN};
+use crate::virtio::iovec::{IoVecBuf, IoVecBufMut};
 
 const IFNAMSIZ: usize = 16;
 const IFF_TAP: u16 = 0x0002;
@@ -127,22 +128,14 @@ impl Tap {
         Ok(())
     }
 
-    /// `readv` one frame (header included).
-    pub fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        retry_eintr(|| {
-            // SAFETY: every iovec points at memory valid for writes of its
-            // length (host buffer or resolved guest memory).
-            unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iov_count(iov)) }
-        })
+    /// `readv` one frame (header included) into `buf`.
+    pub fn readv(&self, buf: &mut IoVecBufMut<'_>) -> io::Result<usize> {
+        readv_fd(self.file.as_raw_fd(), buf)
     }
 
-    /// `writev` one frame (header included).
-    pub fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        retry_eintr(|| {
-            // SAFETY: every iovec points at memory valid for reads of its
-            // length (resolved guest memory).
-            unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov_count(iov)) }
-        })
+    /// `writev` one frame (header included) from `buf`.
+    pub fn writev(&self, buf: &IoVecBuf<'_>) -> io::Result<usize> {
+        writev_fd(self.file.as_raw_fd(), buf)
     }
 }
 
@@ -150,6 +143,26 @@ impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+}
+
+/// `readv(2)` on `fd` into `buf`, again on EINTR.
+pub(super) fn readv_fd(fd: RawFd, buf: &mut IoVecBufMut<'_>) -> io::Result<usize> {
+    let iov = buf.as_raw();
+    retry_eintr(|| {
+        // SAFETY: an IoVecBufMut holds only memory valid for writes for its
+        // lifetime (resolved guest memory or a borrowed host buffer).
+        unsafe { libc::readv(fd, iov.as_ptr(), iov_count(iov)) }
+    })
+}
+
+/// `writev(2)` on `fd` from `buf`, again on EINTR.
+pub(super) fn writev_fd(fd: RawFd, buf: &IoVecBuf<'_>) -> io::Result<usize> {
+    let iov = buf.as_raw();
+    retry_eintr(|| {
+        // SAFETY: an IoVecBuf holds only memory valid for reads for its
+        // lifetime (resolved guest memory or a borrowed host buffer).
+        unsafe { libc::writev(fd, iov.as_ptr(), iov_count(iov)) }
+    })
 }
 
 /// The iovec count for readv/writev: at most IOV_MAX (1024) entries.

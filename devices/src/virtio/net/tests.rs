@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use vm_memory::GuestAddress;
 
-use super::device::features;
+use super::device::{features, NetStats};
 use super::netns::{in_netns, is_root, Packet, ETHERTYPE, TAP};
 use super::*;
 use crate::virtio::mmio::MmioTransport;
@@ -236,87 +236,148 @@ fn mergeable_buffers_and_no_rx_buffers() {
     });
 }
 
+/// Hostile TX chains (outside memory, write-only, shorter than the header,
+/// 4 GiB long, a descriptor loop, garbage GSO fields) and hostile RX buffers
+/// (read-only, outside memory) while a frame arrives: every chain comes back,
+/// none reaches guest memory outside itself, the frame is dropped.
+/// `send_frame` puts one frame (no vnet header) on the host side.
+fn hostile_chains_on(mut g: Guest, send_frame: &dyn Fn(&[u8])) -> NetStats {
+    let end = g.d.mem_end();
+    for r in [
+        RawDesc {
+            addr: end - 8,
+            len: 64,
+            flags: 0,
+            next: 0,
+        },
+        RawDesc {
+            addr: 0x2000,
+            len: 64,
+            flags: 2,
+            next: 0,
+        },
+        RawDesc {
+            addr: 0x2000,
+            len: 4,
+            flags: 0,
+            next: 0,
+        },
+        RawDesc {
+            addr: 0x2000,
+            len: u32::MAX,
+            flags: 0,
+            next: 0,
+        },
+        RawDesc {
+            addr: 0x2000,
+            len: 64,
+            flags: 1,
+            next: 200,
+        },
+        // A syntactically valid header with garbage GSO fields.
+        RawDesc {
+            addr: 0x3000,
+            len: 200,
+            flags: 0,
+            next: 0,
+        },
+    ] {
+        g.d.mem_write_garbage(0x3000);
+        g.d.write_raw_desc(TXQ as u16, 200, r);
+        g.d.publish(TXQ as u16, 200);
+        g.d.notify(TXQ as u16);
+        let used = g.pump_until(TXQ as u16, 1, 2);
+        assert_eq!(used.len(), 1, "{r:?}");
+        assert_eq!(used[0].id, 200);
+        assert_eq!(used[0].len, 0, "TX buffers are returned unwritten");
+    }
+    let st = g.dev.lock().unwrap().stats();
+    assert!(st.tx_dropped >= 5, "{st:?}");
+    assert_eq!(st.tx_dropped + st.tx_frames, 6, "{st:?}");
+    // Hostile RX buffers: read-only, outside memory; a frame arrives.
+    let ro = g.d.buf_with(&[0x5a; 4096]);
+    g.d.write_raw_desc(
+        RXQ as u16,
+        200,
+        RawDesc {
+            addr: ro.0,
+            len: 4096,
+            flags: 0,
+            next: 0,
+        },
+    );
+    g.d.publish(RXQ as u16, 200);
+    g.d.write_raw_desc(
+        RXQ as u16,
+        201,
+        RawDesc {
+            addr: end - 8,
+            len: 4096,
+            flags: 2,
+            next: 0,
+        },
+    );
+    g.d.publish(RXQ as u16, 201);
+    g.d.notify(RXQ as u16);
+    send_frame(&frame([2, 0, 0, 0, 0, 9], MAC, b"x"));
+    let used = g.pump_until(RXQ as u16, 1, 2);
+    assert!(!used.is_empty(), "the unusable RX buffer comes back");
+    assert!(used.iter().all(|u| u.len == 0), "{used:?}");
+    assert!(
+        g.d.read_buf(ro, 4096) == [0x5a; 4096],
+        "a device-readable RX buffer was written"
+    );
+    let st = g.dev.lock().unwrap().stats();
+    assert!(st.rx_dropped >= 1, "{st:?}");
+    assert_eq!(st.rx_frames, 0, "{st:?}");
+    st
+}
+
 #[test]
 fn hostile_chains() {
     in_netns(1500, || {
-        let mut g = Guest::new(features::MRG_RXBUF);
-        let end = g.d.mem_end();
-        for r in [
-            RawDesc {
-                addr: end - 8,
-                len: 64,
-                flags: 0,
-                next: 0,
-            },
-            RawDesc {
-                addr: 0x2000,
-                len: 64,
-                flags: 2,
-                next: 0,
-            },
-            RawDesc {
-                addr: 0x2000,
-                len: 4,
-                flags: 0,
-                next: 0,
-            },
-            RawDesc {
-                addr: 0x2000,
-                len: u32::MAX,
-                flags: 0,
-                next: 0,
-            },
-            RawDesc {
-                addr: 0x2000,
-                len: 64,
-                flags: 1,
-                next: 200,
-            },
-            // A syntactically valid header with garbage GSO fields.
-            RawDesc {
-                addr: 0x3000,
-                len: 200,
-                flags: 0,
-                next: 0,
-            },
-        ] {
-            g.d.mem_write_garbage(0x3000);
-            g.d.write_raw_desc(TXQ as u16, 200, r);
-            g.d.publish(TXQ as u16, 200);
-            g.d.notify(TXQ as u16);
-            assert_eq!(g.pump_until(TXQ as u16, 1, 2).len(), 1);
-        }
-        let st = g.dev.lock().unwrap().stats();
-        assert!(st.tx_dropped >= 5, "{st:?}");
-        // Hostile RX buffers: read-only, outside memory; a frame arrives.
+        let g = Guest::new(features::MRG_RXBUF);
         let pkt = Packet::open(TAP);
-        g.d.write_raw_desc(
-            RXQ as u16,
-            200,
-            RawDesc {
-                addr: 0x2000,
-                len: 4096,
-                flags: 0,
-                next: 0,
-            },
-        );
-        g.d.publish(RXQ as u16, 200);
-        g.d.write_raw_desc(
-            RXQ as u16,
-            201,
-            RawDesc {
-                addr: end - 8,
-                len: 4096,
-                flags: 2,
-                next: 0,
-            },
-        );
-        g.d.publish(RXQ as u16, 201);
-        g.d.notify(RXQ as u16);
-        pkt.send(&frame([2, 0, 0, 0, 0, 9], MAC, b"x"));
-        g.pump_until(RXQ as u16, 2, 2);
-        assert!(g.dev.lock().unwrap().stats().rx_dropped >= 1);
+        hostile_chains_on(g, &|f| pkt.send(f));
     });
+}
+
+/// `hostile_chains` on a SOCK_SEQPACKET backend: no TAP, no root, so it
+/// runs everywhere.
+#[test]
+fn hostile_chains_on_a_seqpacket_backend() {
+    let (backend, wire) = SeqPacketBackend::pair().unwrap();
+    let net = Net::with_backend(Box::new(backend), Some(MAC)).unwrap();
+    let g = Guest::on(net, features::MRG_RXBUF);
+    let st = hostile_chains_on(g, &|f| {
+        let mut dgram = vec![0u8; VNET_HDR_LEN];
+        dgram.extend_from_slice(f);
+        // SAFETY: dgram is readable for its length.
+        let n = unsafe { libc::send(wire.as_raw_fd(), dgram.as_ptr().cast(), dgram.len(), 0) };
+        assert_eq!(n as usize, dgram.len());
+    });
+    // Only the well-formed 200-byte chain reached the wire (a socket does
+    // not check GSO fields); the five hostile ones did not.
+    assert_eq!((st.tx_dropped, st.tx_frames), (5, 1), "{st:?}");
+    let mut got = vec![0u8; 4096];
+    let mut dgrams = Vec::new();
+    loop {
+        // SAFETY: got is writable for its length.
+        let n = unsafe {
+            libc::recv(
+                wire.as_raw_fd(),
+                got.as_mut_ptr().cast(),
+                got.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        // -1: nothing left; 0: the device's end is closed (it was dropped).
+        if n <= 0 {
+            break;
+        }
+        dgrams.push(n as usize);
+    }
+    assert_eq!(dgrams, vec![200]);
 }
 
 trait Garbage {
