@@ -27,7 +27,7 @@
 //! right after its filter is in place; the tests use it to see the process die.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
 use seccompiler::{
@@ -577,8 +577,21 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
     }
     push(&digits[i..]);
     push(b"); ending the process\n");
-    // SAFETY: write and _exit are async-signal-safe and on every allowlist.
+    // One line, even when several threads trip at once: the first writes it
+    // and ends the process; the others wait for that.
+    static REPORTED: AtomicBool = AtomicBool::new(false);
+    // SAFETY: write, nanosleep and _exit are async-signal-safe and on every
+    // allowlist.
     unsafe {
+        if REPORTED.swap(true, Ordering::AcqRel) {
+            let second = libc::timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            loop {
+                libc::nanosleep(&second, std::ptr::null_mut());
+            }
+        }
         libc::write(2, buf.as_ptr().cast(), len);
         libc::_exit(EXIT_STATUS);
     }
