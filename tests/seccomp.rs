@@ -68,7 +68,8 @@ fn setup(test: &str) -> Option<Setup> {
     Some(Setup { vmm, dir, kernel })
 }
 
-/// `b2p-vmm run` of the probe with two vCPUs, a disk, vsock and rng, held `hold_ms` after its checks.
+/// `b2p-vmm run` of the probe with two vCPUs, a disk (its worker thread),
+/// vsock and rng, held `hold_ms` after its checks.
 fn probe_vm(s: &Setup, hold_ms: u64, extra: &[&str]) -> Command {
     let disk = s.dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -137,6 +138,10 @@ fn every_thread_of_a_running_vm_is_filtered() {
     ] {
         assert!(names.contains(&want), "no {want} thread in {list:?}");
     }
+    assert!(
+        names.iter().any(|n| n.starts_with("b2p-blk")),
+        "no disk worker thread in {list:?}"
+    );
     for (name, seccomp) in &list {
         assert_eq!(seccomp, "2", "thread {name} is not filtered: {list:?}");
     }
@@ -163,9 +168,7 @@ fn a_forbidden_syscall_ends_the_process() {
         return skip(test, "B2P_SECCOMP_SELFTEST exists only in debug builds");
     }
     let Some(s) = setup(test) else { return };
-    // (blk-worker joins the list once the devices crate runs disk I/O on
-    // its own threads.)
-    for role in ["vcpu", "event-loop", "main"] {
+    for role in ["vcpu", "event-loop", "main", "blk-worker"] {
         let mut cmd = probe_vm(&s, 0, &[]);
         cmd.env("B2P_SECCOMP_SELFTEST", role);
         let out = run_with_deadline(cmd, Duration::from_secs(30));
