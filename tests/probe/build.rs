@@ -27,6 +27,7 @@ const SOURCES: &[&str] = &[
     "net.c",
     "vsock.c",
     "smp.c",
+    "flood.c",
 ];
 
 const CFLAGS: &[&str] = &[

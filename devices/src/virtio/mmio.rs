@@ -115,8 +115,10 @@ impl std::fmt::Debug for MmioTransport {
 fn lock_device<'a>(
     device: &'a Mutex<dyn VirtioDevice + 'static>,
 ) -> MutexGuard<'a, dyn VirtioDevice + 'static> {
-    // A poisoned lock means a device thread panicked; the register file
-    // must keep answering, so take the inner value anyway.
+    // A poisoned lock means a thread panicked while holding the device.
+    // That happens only in test and debug builds: the release profile has
+    // panic = "abort", so there a panic ends the whole process. Not an
+    // unwrap, so a test that provokes one sees its own failure, not ours.
     device.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -7,6 +7,7 @@
  *   probe.initrd_size=N   expected initrd size in bytes
  *   probe.hold_ms=N       stay alive N ms before powering off (RSS bench)
  *   probe.quick=1         boot timer + poweroff right away, quiet (timing bench)
+ *   probe.flood=MS        write an unknown virtio-mmio register for MS ms (flood.c)
  *   b2p.boot_timer=1      write the boot timer (b2p-vmm --boot-timer adds it)
  */
 #include "probe.h"

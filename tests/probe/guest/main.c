@@ -50,6 +50,13 @@ void probe_main(u64 info, u64 load_addr, u64 protocol)
 	else
 		bootparams_check(info, load_addr);
 
+	/* probe.flood=MS: the log-flood test's hostile guest (flood.c). */
+	u64 flood_ms;
+	if (cmdline_u64("probe.flood", &flood_ms)) {
+		acpi_check();
+		flood_run(flood_ms);
+	}
+
 	if (quick) {
 		pr("probe: quick\n");
 		acpi_check();

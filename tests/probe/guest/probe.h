@@ -163,4 +163,7 @@ void smp_check(const u8 *apic_ids, u32 n);
 void boot_timer_write(void);
 void __attribute__((noreturn)) poweroff(void);
 
+/* ---- flood.c ---- */
+void __attribute__((noreturn)) flood_run(u64 ms);
+
 #endif
