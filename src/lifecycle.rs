@@ -16,7 +16,9 @@ use b2p_vmm::config::DEFAULT_CMDLINE;
 use b2p_vmm::signals::StopSignals;
 use b2p_vmm::{image, Console, DiskConfig, NetConfig, Vm, VmConfig, VsockConfig};
 
-use crate::machine::{create_private_dir, private_file, Machine, MachineConfig, State, RUN_VM};
+use crate::machine::{
+    create_private_dir, private_file, Machine, MachineConfig, Network, State, RUN_VM,
+};
 use crate::userdata;
 use crate::varlink;
 
@@ -41,7 +43,12 @@ pub struct CreateOptions {
     /// Extra kernel command-line arguments
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub cmdline: String,
-    /// A TAP interface for the machine's eth0
+    /// How eth0 reaches the world: passt (user-mode, no root, DHCP in the
+    /// guest), tap (the TAP named by --tap, made by root), none
+    /// [default: passt, or tap with --tap]
+    #[arg(long, value_enum, value_name = "passt|tap|none")]
+    pub network: Option<Network>,
+    /// A TAP interface for the machine's eth0 (implies --network tap)
     #[arg(long, value_name = "NAME")]
     pub tap: Option<String>,
     /// Static eth0 address ADDR/PREFIX (what `ip` and `ssh` use)
@@ -65,6 +72,19 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
     if m.dir.exists() {
         bail!("machine {} already exists ({})", m.name, m.dir.display());
     }
+    let network = match (opts.network, &opts.tap) {
+        (None, Some(_)) | (Some(Network::Tap), Some(_)) => Network::Tap,
+        (None, None) => Network::Passt,
+        (Some(Network::Tap), None) => bail!("--network tap needs --tap NAME"),
+        (Some(n), Some(_)) => bail!("--tap goes with --network tap, not {}", n.as_str()),
+        (Some(n), None) => n,
+    };
+    if network == Network::Passt && b2p_vmm::passt::find_passt().is_none() {
+        bail!(
+            "{} (or create the machine with --network none, or --tap NAME)",
+            b2p_vmm::passt::PasstError::NotInstalled
+        );
+    }
     let config = MachineConfig {
         name: m.name.clone(),
         memory_mib: opts.memory_mib,
@@ -73,6 +93,7 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
         kernel: opts.kernel.map(absolute).transpose()?,
         initrd: opts.initrd.map(absolute).transpose()?,
         cmdline: opts.cmdline,
+        network: Some(network),
         tap: opts.tap,
         ip: opts.ip,
         gateway: opts.gateway,
@@ -197,6 +218,9 @@ pub fn vm_config(m: &Machine, c: &MachineConfig, resolve_image: bool) -> Result<
         // The init's ip= syntax: client::gateway::hostname:device.
         let gw = c.gateway.as_deref().unwrap_or("");
         cmdline.push_str(&format!(" b2p.ip={ip}::{gw}::{}:eth0", c.name));
+    } else if c.network() == Network::Passt {
+        // passt answers DHCP with the host's address, gateway and DNS.
+        cmdline.push_str(" b2p.ip=dhcp");
     }
     if !c.cmdline.is_empty() {
         cmdline.push(' ');
@@ -214,14 +238,11 @@ pub fn vm_config(m: &Machine, c: &MachineConfig, resolve_image: bool) -> Result<
         read_only: false,
         serial: Some(format!("b2p-{}", c.name).chars().take(20).collect()),
     }];
-    v.nets = c
-        .tap
-        .iter()
-        .map(|tap| NetConfig {
-            tap: tap.clone(),
-            mac: None,
-        })
-        .collect();
+    v.nets = match (c.network(), &c.tap) {
+        (Network::Passt, _) => vec![NetConfig::passt()],
+        (Network::Tap, Some(tap)) => vec![NetConfig::tap(tap)],
+        (Network::Tap, None) | (Network::None, _) => Vec::new(),
+    };
     v.vsock = Some(VsockConfig {
         cid: GUEST_CID,
         uds_path: m.vsock_path(),
@@ -527,6 +548,42 @@ mod tests {
             e.to_string().contains("ended before its agent answered"),
             "{e}"
         );
+        let _ = std::fs::remove_dir_all(&m.dir);
+    }
+
+    fn config_with(network: Option<Network>, tap: Option<&str>) -> MachineConfig {
+        MachineConfig {
+            name: "t".into(),
+            memory_mib: 512,
+            cpus: 1,
+            disk_size_mib: 64,
+            kernel: Some("/k".into()),
+            initrd: None,
+            cmdline: String::new(),
+            network,
+            tap: tap.map(String::from),
+            ip: None,
+            gateway: None,
+            created: 0,
+        }
+    }
+
+    #[test]
+    fn the_network_picks_the_device_and_the_guests_dhcp() {
+        let m = scratch("network");
+        let v = vm_config(&m, &config_with(Some(Network::Passt), None), false).unwrap();
+        assert_eq!(v.nets, vec![NetConfig::passt()]);
+        assert!(v.cmdline.contains(" b2p.ip=dhcp"), "{}", v.cmdline);
+        let v = vm_config(&m, &config_with(Some(Network::None), None), false).unwrap();
+        assert!(v.nets.is_empty());
+        assert!(!v.cmdline.contains("b2p.ip"), "{}", v.cmdline);
+        let v = vm_config(&m, &config_with(Some(Network::Tap), Some("tap7")), false).unwrap();
+        assert_eq!(v.nets, vec![NetConfig::tap("tap7")]);
+        assert!(!v.cmdline.contains("b2p.ip=dhcp"), "{}", v.cmdline);
+        // A config.json from before --network: a TAP if it named one, else none.
+        let old = config_with(None, Some("tap7"));
+        assert_eq!(old.network(), Network::Tap);
+        assert_eq!(config_with(None, None).network(), Network::None);
         let _ = std::fs::remove_dir_all(&m.dir);
     }
 }

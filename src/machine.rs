@@ -28,6 +28,11 @@ pub struct MachineConfig {
     /// Appended to the monitor's default kernel command line.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cmdline: String,
+    /// How eth0 is wired: user-mode through passt, a TAP, or not at all.
+    /// Missing in machines made before it existed: [`MachineConfig::network`]
+    /// then says what they had (a TAP when `tap` is set, else none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
     /// A TAP interface for virtio-net.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
@@ -41,7 +46,38 @@ pub struct MachineConfig {
     pub created: u64,
 }
 
+/// A machine's network (`b2p create --network`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// User-mode networking through passt (no root; DHCP in the guest).
+    Passt,
+    /// The TAP named by `--tap` (made by root; static address or none).
+    Tap,
+    /// No network device.
+    None,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::Passt => "passt",
+            Network::Tap => "tap",
+            Network::None => "none",
+        }
+    }
+}
+
 impl MachineConfig {
+    /// How eth0 is wired (see the `network` field).
+    pub fn network(&self) -> Network {
+        match (self.network, &self.tap) {
+            (Some(n), _) => n,
+            (None, Some(_)) => Network::Tap,
+            (None, None) => Network::None,
+        }
+    }
+
     /// The guest's static IPv4 address, without its prefix.
     pub fn address(&self) -> Option<&str> {
         let ip = self.ip.as_deref()?;
@@ -367,6 +403,7 @@ mod tests {
             kernel: None,
             initrd: Some("/i".into()),
             cmdline: String::new(),
+            network: Some(Network::Passt),
             tap: None,
             ip: None,
             gateway: None,

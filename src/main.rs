@@ -209,6 +209,7 @@ fn inspect(m: &Machine) -> Result<ExitCode> {
         "name": m.name,
         "state": state,
         "pid": pid,
+        "network": config.network().as_str(),
         "config": config,
         "paths": {
             "dir": path(m.dir.clone()),
@@ -274,7 +275,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let m = Machine::existing(&name)?;
             let config = m.load()?;
             let Some(addr) = config.address() else {
-                anyhow::bail!("machine {name} has no static address (create it with --tap TAP --ip ADDR/PREFIX)");
+                anyhow::bail!("machine {name} has no static address (network {}; a static one needs --tap TAP --ip ADDR/PREFIX)", config.network().as_str());
             };
             println!("{addr}");
         }

@@ -236,6 +236,8 @@ pub struct Devices {
     /// Set when stdin is a terminal the console reads (fires when the
     /// serial FIFO drains).
     pub input_ready: Option<EventFd>,
+    /// The passt processes started for `--net passt` (ended when dropped).
+    pub passt: Vec<crate::passt::Passt>,
 }
 
 /// Sets the process umask to 0177 (files and sockets 0600) until dropped.
@@ -269,6 +271,7 @@ pub fn create_devices(
 ) -> Result<Devices> {
     let mut event_manager = event_loop::new_manager()?;
     let mut manager = DeviceManager::new()?;
+    let mut passt = Vec::new();
     let interactive = config.console == Console::Stdio && console::stdin_is_tty();
     let input_ready = if interactive {
         Some(EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?)
@@ -296,7 +299,14 @@ pub fn create_devices(
         // bind(2) creates them with this mask applied, so there is no
         // moment at which another user could connect.
         let _private = PrivateUmask::set();
-        virtio::add_devices(config, vm_fd, mem, &mut event_manager, &mut manager)?;
+        virtio::add_devices(
+            config,
+            vm_fd,
+            mem,
+            &mut event_manager,
+            &mut manager,
+            &mut passt,
+        )?;
     }
     b2p_boot::acpi::write_tables(mem, config.vcpus, &manager.virtio_slots)?;
     Ok(Devices {
@@ -304,6 +314,7 @@ pub fn create_devices(
         event_manager,
         serial,
         input_ready,
+        passt,
     })
 }
 

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{Console, DiskConfig, NetConfig, VsockConfig};
+use crate::config::{Console, DiskConfig, NetBackend, NetConfig, VsockConfig};
 
 /// `stdio`, `none` or `file:PATH`.
 pub fn parse_console(s: &str) -> Result<Console, String> {
@@ -54,12 +54,17 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     b2p_devices::virtio::net::parse_mac(s).map_err(|e| e.to_string())
 }
 
-/// `tap=NAME[,mac=M]`.
+/// `tap=NAME[,mac=M]`, `passt[,mac=M]` or `passt=PATH[,mac=M]`.
 pub fn parse_net(s: &str) -> Result<NetConfig, String> {
-    let mut tap = None;
+    const USAGE: &str = "tap=NAME[,mac=M], passt[,mac=M] or passt=PATH[,mac=M]";
+    let mut backend = None;
     let mut mac = None;
     for opt in s.split(',') {
-        match opt.split_once('=') {
+        let b = match opt.split_once('=') {
+            None if opt == "passt" => NetBackend::Passt { socket: None },
+            Some(("passt", v)) if !v.is_empty() => NetBackend::Passt {
+                socket: Some(PathBuf::from(v)),
+            },
             Some(("tap", v)) if !v.is_empty() => {
                 if v.len() >= libc::IFNAMSIZ {
                     return Err(format!(
@@ -67,14 +72,24 @@ pub fn parse_net(s: &str) -> Result<NetConfig, String> {
                         libc::IFNAMSIZ - 1
                     ));
                 }
-                tap = Some(v.to_string());
+                NetBackend::Tap {
+                    name: v.to_string(),
+                }
             }
-            Some(("mac", v)) => mac = Some(parse_mac(v)?),
-            _ => return Err(format!("unknown net option {opt:?} (tap=NAME[,mac=M])")),
+            Some(("mac", v)) => {
+                mac = Some(parse_mac(v)?);
+                continue;
+            }
+            _ => return Err(format!("unknown net option {opt:?} ({USAGE})")),
+        };
+        if backend.replace(b).is_some() {
+            return Err(format!(
+                "more than one of tap= and passt in {s:?} ({USAGE})"
+            ));
         }
     }
-    let tap = tap.ok_or("missing tap=NAME")?;
-    Ok(NetConfig { tap, mac })
+    let backend = backend.ok_or(format!("missing tap=NAME or passt ({USAGE})"))?;
+    Ok(NetConfig { backend, mac })
 }
 
 /// `cid=N,uds=PATH`.
@@ -191,7 +206,12 @@ mod tests {
     #[test]
     fn net() {
         let n = parse_net("tap=tap0,mac=52:54:00:12:34:56").unwrap();
-        assert_eq!(n.tap, "tap0");
+        assert_eq!(
+            n.backend,
+            NetBackend::Tap {
+                name: "tap0".into()
+            }
+        );
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
         assert_eq!(parse_net("tap=t1").unwrap().mac, None);
         assert!(parse_net("mac=52:54:00:12:34:56").is_err());
@@ -199,6 +219,19 @@ mod tests {
         assert!(parse_net("tap=t,mac=52:54:00:12:34").is_err());
         assert!(parse_net("tap=t,mac=52:54:00:12:34:56:78").is_err());
         assert!(parse_net("tap=averyveryverylongname").is_err());
+        assert_eq!(parse_net("passt").unwrap(), NetConfig::passt());
+        let n = parse_net("passt=/run/p.sock,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(
+            n.backend,
+            NetBackend::Passt {
+                socket: Some("/run/p.sock".into())
+            }
+        );
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert!(parse_net("passt=").is_err());
+        assert!(parse_net("passt,tap=t0").is_err());
+        assert!(parse_net("passtx").is_err());
+        assert!(parse_net("").is_err());
     }
 
     #[test]

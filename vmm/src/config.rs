@@ -40,11 +40,52 @@ pub struct DiskConfig {
     pub serial: Option<String>,
 }
 
-/// A virtio-net device on a TAP interface.
+/// Where a virtio-net device's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// An existing TAP interface (root made it: `ip tuntap add NAME mode tap
+    /// user USER`); checksum and segmentation offloads.
+    Tap { name: String },
+    /// User-mode networking through passt: the monitor starts its own
+    /// passt (`socket: None`, ended with the VM) or joins one listening on
+    /// `socket` (`passt -s PATH`). No root, no offloads.
+    Passt { socket: Option<PathBuf> },
+}
+
+impl std::fmt::Display for NetBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetBackend::Tap { name } => write!(f, "tap={name}"),
+            NetBackend::Passt { socket: None } => write!(f, "passt"),
+            NetBackend::Passt { socket: Some(p) } => write!(f, "passt={}", p.display()),
+        }
+    }
+}
+
+/// A virtio-net device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    pub tap: String,
+    pub backend: NetBackend,
+    /// The guest's MAC; `None` picks a random locally administered one.
     pub mac: Option<[u8; 6]>,
+}
+
+impl NetConfig {
+    /// A device on the TAP `name`.
+    pub fn tap(name: impl Into<String>) -> Self {
+        NetConfig {
+            backend: NetBackend::Tap { name: name.into() },
+            mac: None,
+        }
+    }
+
+    /// A device on a passt the monitor starts.
+    pub fn passt() -> Self {
+        NetConfig {
+            backend: NetBackend::Passt { socket: None },
+            mac: None,
+        }
+    }
 }
 
 /// The virtio-vsock device (Firecracker's hybrid Unix-socket protocol).

@@ -41,13 +41,14 @@ mod event_loop;
 pub mod image;
 mod kvm;
 pub mod logger;
+pub mod passt;
 pub mod seccomp;
 pub mod signals;
 mod vcpu;
 mod virtio;
 mod vm;
 
-pub use config::{Console, DiskConfig, NetConfig, VmBuilder, VmConfig, VsockConfig};
+pub use config::{Console, DiskConfig, NetBackend, NetConfig, VmBuilder, VmConfig, VsockConfig};
 pub use error::{Error, Result};
 pub use vm::{StopHandle, Timings, Vm, VmExit};
 

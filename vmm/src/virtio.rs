@@ -4,26 +4,29 @@
 use std::sync::{Arc, Mutex};
 
 use b2p_devices::virtio::block::{Block, BlockConfig};
+use b2p_devices::virtio::net::passt::PasstBackend;
 use b2p_devices::virtio::net::{Net, NetConfig as NetDeviceConfig};
 use b2p_devices::virtio::rng::Rng;
 use b2p_devices::virtio::vsock::device::Vsock;
 use b2p_devices::virtio::vsock::VsockConfig as VsockDeviceConfig;
 use kvm_ioctls::VmFd;
 
-use crate::config::VmConfig;
+use crate::config::{NetBackend, VmConfig};
 use crate::devices::DeviceManager;
 use crate::error::{Error, Result};
 use crate::event_loop::Manager;
 use crate::GuestMemoryMmap;
 
 /// Create and wire every virtio device of `config`, in a fixed order
-/// (disks, nets, vsock, rng) so DSDT node names stay stable.
+/// (disks, nets, vsock, rng) so DSDT node names stay stable. The passt
+/// processes started for `--net passt` go to `passt`.
 pub fn add_devices(
     config: &VmConfig,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     events: &mut Manager,
     devices: &mut DeviceManager,
+    passt: &mut Vec<crate::passt::Passt>,
 ) -> Result<()> {
     for disk in &config.disks {
         let name = format!("disk {}", disk.path.display());
@@ -36,12 +39,33 @@ pub fn add_devices(
         devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(block)), &name)?;
     }
     for n in &config.nets {
-        let net = Net::new(NetDeviceConfig {
-            tap: n.tap.clone(),
-            mac: n.mac,
-        })
-        .map_err(|e| Error::Device(format!("--net tap={}: {e}", n.tap)))?;
-        let name = format!("net {}", n.tap);
+        let net = match &n.backend {
+            NetBackend::Tap { name } => Net::new(NetDeviceConfig {
+                tap: name.clone(),
+                mac: n.mac,
+            })
+            .map_err(|e| Error::Device(format!("--net {}: {e}", n.backend)))?,
+            NetBackend::Passt { socket } => {
+                let passt_err =
+                    |e: &dyn std::fmt::Display| Error::Device(format!("--net {}: {e}", n.backend));
+                let (fd, name) = match socket {
+                    None => {
+                        let (fd, process) = crate::passt::spawn().map_err(|e| passt_err(&e))?;
+                        let name = format!("(pid {})", process.pid());
+                        log::info!("--net passt: started passt, pid {}", process.pid());
+                        passt.push(process);
+                        (fd, name)
+                    }
+                    Some(path) => (
+                        crate::passt::connect(path).map_err(|e| passt_err(&e))?,
+                        format!("at {}", path.display()),
+                    ),
+                };
+                let backend = PasstBackend::new(fd, name).map_err(|e| passt_err(&e))?;
+                Net::with_backend(Box::new(backend), n.mac).map_err(|e| passt_err(&e))?
+            }
+        };
+        let name = format!("net {}", n.backend);
         devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(net)), &name)?;
     }
     if let Some(v) = &config.vsock {

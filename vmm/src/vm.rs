@@ -195,6 +195,8 @@ pub struct Vm {
     // Keep KVM objects and guest memory alive until the vCPU threads are gone.
     _vm_fd: Arc<kvm_ioctls::VmFd>,
     _mem: GuestMemoryMmap,
+    /// `--net passt` processes, ended after the devices (dropped after teardown).
+    _passt: Vec<crate::passt::Passt>,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -270,6 +272,7 @@ impl Vm {
             mut event_manager,
             serial,
             input_ready,
+            passt,
         } = devices;
         let first_serial = shared.clone();
         serial
@@ -296,6 +299,7 @@ impl Vm {
             kernel: config.kernel.clone(),
             _vm_fd: Arc::new(vm_fd),
             _mem: mem.clone(),
+            _passt: passt,
         };
         clock.stage("vm_ready");
         // The vCPUs wait until every filter is in place (the gate opens on

@@ -2,7 +2,7 @@
 //!
 //! `b2p-vmm run --kernel K --initrd I [--cmdline S] [--memory MiB] [--cpus N]
 //! [--console stdio|file:PATH|none] [--boot-timer] [--disk PATH[,ro][,serial=S]]...
-//! [--net tap=NAME[,mac=M]]... [--vsock cid=N,uds=PATH] [--vsock-port PORT=PATH]...
+//! [--net tap=NAME|passt[=PATH][,mac=M]]... [--vsock cid=N,uds=PATH] [--vsock-port PORT=PATH]...
 //! [--virtio-rng] [--virtio-mmio-cmdline] [--timings] [--no-seccomp]`
 //!
 //! Exit status 0 when the guest shuts down (power-off, reset, a triple
@@ -73,8 +73,15 @@ struct RunArgs {
     /// A virtio-blk disk (repeatable)
     #[arg(long, value_name = "PATH[,ro][,serial=S]", value_parser = cli::parse_disk)]
     disk: Vec<DiskConfig>,
-    /// A virtio-net device on a TAP interface (repeatable)
-    #[arg(long, value_name = "tap=NAME[,mac=M]", value_parser = cli::parse_net)]
+    /// A virtio-net device (repeatable): on an existing TAP (tap=NAME), or
+    /// rootless through passt: `passt` starts a passt of its own (ended with
+    /// the VM; its messages go to stderr), `passt=PATH` joins one listening
+    /// on PATH (`passt -s PATH`). Guest DHCP from passt: ip=dhcp
+    #[arg(
+        long,
+        value_name = "tap=NAME|passt[=PATH][,mac=M]",
+        value_parser = cli::parse_net
+    )]
     net: Vec<NetConfig>,
     /// virtio-vsock with Firecracker's hybrid Unix-socket protocol
     #[arg(long, value_name = "cid=N,uds=PATH", value_parser = cli::parse_vsock)]

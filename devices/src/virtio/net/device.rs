@@ -1,12 +1,22 @@
 //! The virtio-net device: features, config space and the two data paths.
 //!
+//! The features offered are VERSION_1, MAC, MRG_RXBUF and STATUS, plus the
+//! offloads the backend honours (the TAP's checksum and TSO; none on passt).
+//!
 //! TX: each chain (12-byte `virtio_net_hdr_v1` + frame) is handed to the
-//! TAP with one `writev` straight from guest memory; the TAP applies the
-//! header's checksum/GSO requests. RX: a frame is read from the TAP into a
-//! host buffer only when the guest has at least one RX buffer, then copied
-//! into one buffer (or, with MRG_RXBUF, as many as it needs, `num_buffers`
-//! set). When the guest has no room, the frame waits and the TAP is not
+//! backend with one `writev` straight from guest memory; the TAP applies the
+//! header's checksum/GSO requests. A backend that can take nothing now
+//! (`WouldBlock`: passt's socket and our queue behind it are full) gets the
+//! chain back on the ring, and TX resumes when the backend's descriptor is
+//! writable again. RX: a frame is read from the backend into a host buffer
+//! only when the guest has at least one RX buffer, then copied into one
+//! buffer (or, with MRG_RXBUF, as many as it needs, `num_buffers` set).
+//! When the guest has no room, the frame waits and the backend is not
 //! polled until the guest adds buffers.
+//!
+//! When the host end goes away for good (passt exited), the link goes down
+//! (config `status`, a config-change interrupt, one log line), the backend
+//! is no longer polled, and the guest's frames are completed as dropped.
 
 use std::io;
 use std::sync::Arc;
@@ -77,7 +87,10 @@ pub struct Net {
     rx_len: usize,
     /// The guest has no RX buffer: the TAP is not polled.
     pub(super) rx_blocked: bool,
-    pub(super) tap_watched: bool,
+    /// What the event loop polls the backend for (`None`: not registered).
+    pub(super) tap_events: Option<event_manager::EventSet>,
+    /// The host end is gone (passt exited or hung up): link down for good.
+    pub(super) link_lost: bool,
     pub(super) subscribed: bool,
     stats: NetStats,
 }
@@ -158,7 +171,8 @@ impl Net {
             rx_frame: vec![0u8; MAX_FRAME_LEN],
             rx_len: 0,
             rx_blocked: false,
-            tap_watched: false,
+            tap_events: None,
+            link_lost: false,
             subscribed: false,
             stats: NetStats::default(),
         })
@@ -174,6 +188,38 @@ impl Net {
 
     pub fn is_active(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// Whether the link to the host is up (config space `status`).
+    pub fn link_up(&self) -> bool {
+        !self.link_lost && self.tap.link_up()
+    }
+
+    /// The host end is gone: say so once (unless the backend already did),
+    /// tell the guest (config change), and stop polling the backend.
+    pub(super) fn lose_link(&mut self, backend_said_so: bool) {
+        if self.link_lost {
+            return;
+        }
+        self.link_lost = true;
+        if !backend_said_so {
+            error_limited!(
+                "virtio-net: {}: the host end hung up; link down",
+                self.tap.name()
+            );
+        }
+        if let Some(a) = self.active.as_ref() {
+            if let Err(e) = a.irq.signal_config_change() {
+                error_limited!("virtio-net: interrupt: {e}");
+            }
+        }
+    }
+
+    /// Notices a backend that went away by itself (its own log line).
+    fn check_link(&mut self) {
+        if !self.link_lost && !self.tap.link_up() {
+            self.lose_link(true);
+        }
     }
 
     /// Send the guest's frames to the TAP. Returns whether any chain was used.
@@ -201,14 +247,26 @@ impl Net {
                 }
             }
             let total = iovs.len() as usize;
-            if ok && total >= VNET_HDR_LEN {
+            if self.link_lost || !self.tap.link_up() {
+                // Nobody to send to: completed, dropped.
+                self.stats.tx_dropped += 1;
+            } else if ok && total >= VNET_HDR_LEN {
                 match self.tap.writev(&iovs) {
                     Ok(_) => {
                         self.stats.tx_frames += 1;
                         self.stats.tx_bytes += (total - VNET_HDR_LEN) as u64;
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // The backend is full: the chain goes back on the
+                        // ring; TX resumes once it drains (EPOLLOUT).
+                        drop(iovs);
+                        q.go_to_previous_position();
+                        break;
+                    }
                     Err(e) => {
-                        warn_limited!("virtio-net: TAP write: {e}");
+                        if self.tap.link_up() {
+                            warn_limited!("virtio-net: {} write: {e}", self.tap.name());
+                        }
                         self.stats.tx_dropped += 1;
                     }
                 }
@@ -223,6 +281,7 @@ impl Net {
             }
             added = true;
         }
+        self.check_link();
         added
     }
 
@@ -265,7 +324,10 @@ impl Net {
                     Ok(n) => self.rx_len = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        error_limited!("virtio-net: TAP read: {e}");
+                        if self.tap.link_up() {
+                            error_limited!("virtio-net: {} read: {e}", self.tap.name());
+                        }
+                        self.check_link();
                         break;
                     }
                 }
@@ -347,6 +409,15 @@ impl Net {
 
     /// Run both paths and interrupt the guest once if anything was used.
     pub fn process_all(&mut self) {
+        if !self.link_lost && self.tap.tx_pending() {
+            // What a short write left over goes first (in order).
+            if let Err(e) = self.tap.flush() {
+                if self.tap.link_up() {
+                    warn_limited!("virtio-net: {} write: {e}", self.tap.name());
+                }
+                self.check_link();
+            }
+        }
         let tx = self.process_tx();
         let rx = self.process_rx();
         if tx || rx {
@@ -384,23 +455,19 @@ impl VirtioDevice for Net {
 
     fn avail_features(&self) -> u64 {
         use features::*;
-        1 << VIRTIO_F_VERSION_1
-            | CSUM
-            | GUEST_CSUM
-            | MAC
-            | GUEST_TSO4
-            | GUEST_TSO6
-            | HOST_TSO4
-            | HOST_TSO6
-            | MRG_RXBUF
-            | STATUS
+        1 << VIRTIO_F_VERSION_1 | MAC | MRG_RXBUF | STATUS | self.tap.offload_features()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_net_config { u8 mac[6]; le16 status; ... }
         let mut cfg = [0u8; 8];
         cfg[..6].copy_from_slice(&self.mac);
-        cfg[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        let status = if self.link_up() {
+            VIRTIO_NET_S_LINK_UP
+        } else {
+            0
+        };
+        cfg[6..8].copy_from_slice(&status.to_le_bytes());
         read_config_window(&cfg, offset, data);
     }
 

@@ -1,6 +1,9 @@
 //! Event-loop glue of the net device: the activate eventfd always; after
-//! activation the two queue eventfds; the TAP only while the guest has RX
-//! buffers (a frame with nowhere to go must not spin the loop).
+//! activation the two queue eventfds; the backend (TAP or passt socket)
+//! while the device is active and the link up: readable only while the
+//! guest has RX buffers (a frame with nowhere to go must not spin the loop),
+//! writable only while a short write left bytes queued, and its hang-up
+//! (passt exited) always. A lost link is never polled again.
 
 use crate::{error_limited, warn_limited};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -24,17 +27,32 @@ impl Net {
         self.subscribed = true;
     }
 
-    /// Watch the TAP exactly when the device is active and has RX room.
+    /// Poll the backend for what the device can act on now (see the
+    /// module doc); hang-ups and errors are reported whatever the set.
     fn sync_tap(&mut self, ops: &mut EventOps) {
-        let want = self.is_active() && !self.rx_blocked;
-        if want == self.tap_watched {
+        let want = (self.is_active() && self.link_up()).then(|| {
+            let mut set = EventSet::empty();
+            if !self.rx_blocked {
+                set |= EventSet::IN;
+            }
+            if self.tap.tx_pending() {
+                set |= EventSet::OUT;
+            }
+            set
+        });
+        if want == self.tap_events {
             return;
         }
-        let ev = Events::with_data_raw(self.tap.as_raw_fd(), DATA_TAP, EventSet::IN);
-        let r = if want { ops.add(ev) } else { ops.remove(ev) };
+        let fd = self.tap.as_raw_fd();
+        let r = match (self.tap_events, want) {
+            (None, Some(set)) => ops.add(Events::with_data_raw(fd, DATA_TAP, set)),
+            (Some(_), Some(set)) => ops.modify(Events::with_data_raw(fd, DATA_TAP, set)),
+            (Some(set), None) => ops.remove(Events::with_data_raw(fd, DATA_TAP, set)),
+            (None, None) => Ok(()),
+        };
         match r {
-            Ok(()) => self.tap_watched = want,
-            Err(e) => error_limited!("virtio-net: TAP watch {want}: {e:?}"),
+            Ok(()) => self.tap_events = want,
+            Err(e) => error_limited!("virtio-net: {} watch {want:?}: {e:?}", self.tap.name()),
         }
     }
 }
@@ -69,7 +87,15 @@ impl MutEventSubscriber for Net {
                 }
                 self.process_all();
             }
-            DATA_TAP => self.process_all(),
+            DATA_TAP => {
+                self.process_all();
+                // A hang-up the data paths did not see (no RX room: nothing
+                // read) still ends the link, or it would be reported forever.
+                let gone = events.event_set() & (EventSet::HANG_UP | EventSet::ERROR);
+                if !gone.is_empty() {
+                    self.lose_link(!self.tap.link_up());
+                }
+            }
             other => warn_limited!("virtio-net: event with unknown data {other}"),
         }
         self.sync_tap(ops);

@@ -1,23 +1,32 @@
-//! virtio-net (virtio 1.2 §5.1) on a host TAP interface.
+//! virtio-net (virtio 1.2 §5.1) on a host TAP interface or on passt.
 //!
 //! - [`tap`]: attaching to an existing persistent TAP through
 //!   `/dev/net/tun` with `IFF_VNET_HDR`, and setting its offloads.
-//! - [`backend`]: what the device needs of its host end (the TAP, or a
-//!   SOCK_SEQPACKET socket for tests and fuzzing).
-//! - [`device`]: the `VirtioDevice`: features, config space (MAC, link
-//!   status), TX (guest frames written to the TAP straight from guest
-//!   memory with `writev`) and RX (frames read from the TAP into guest
-//!   buffers, merged over several buffers with MRG_RXBUF).
-//! - [`event_handler`]: the event-loop glue; the TAP is polled only while
-//!   the guest has RX buffers.
+//! - [`passt`]: rootless user-mode networking: frames over passt's QEMU
+//!   stream protocol (a 32-bit big-endian length before each frame, no
+//!   virtio-net header), short reads and writes and passt going away.
+//! - [`backend`]: what the device needs of its host end (the TAP, passt, or
+//!   a SOCK_SEQPACKET socket for tests and fuzzing), including the offloads
+//!   it can honour.
+//! - [`device`]: the `VirtioDevice`: features (the backend's offloads),
+//!   config space (MAC, link status), TX (guest frames written to the
+//!   backend straight from guest memory with `writev`, held back while it is
+//!   full) and RX (frames read from the backend into guest buffers, merged
+//!   over several buffers with MRG_RXBUF).
+//! - [`event_handler`]: the event-loop glue; the backend is polled for
+//!   input only while the guest has RX buffers, for output only while a
+//!   short write left bytes queued, and not at all once the link is lost.
 
 pub mod backend;
 pub mod device;
 pub mod event_handler;
+pub mod passt;
 pub mod tap;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod netns;
+#[cfg(test)]
+mod passt_tests;
 #[cfg(test)]
 mod tests;
 
