@@ -1,6 +1,6 @@
 //! The per-thread seccomp filters on real VMs (the probe guest on KVM):
 //! every thread of a running `b2p-vmm` and of the manager's VM process
-//! (`b2p __run-vm`) shows `Seccomp: 2`, `--no-seccomp` turns them off, and a
+//! (`b2p __run-vm`) shows `Seccomp: 2` and `NoNewPrivs: 1`, `--no-seccomp` turns them off, and a
 //! forbidden system call from a vCPU (or any other filtered thread) ends the
 //! process with one line naming it, before the guest ran.
 //!
@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Each thread of `pid`: (name, the `Seccomp:` field of its status).
+/// Each thread of `pid`: (name, the `Seccomp:` field of its status, and
+/// `NoNewPrivs:` after a slash, e.g. "2/1").
 fn threads(pid: u32) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -30,7 +31,10 @@ fn threads(pid: u32) -> Vec<(String, String)> {
                 .map(|v| v.trim().to_string())
                 .unwrap_or_default()
         };
-        out.push((field("Name:"), field("Seccomp:")));
+        out.push((
+            field("Name:"),
+            format!("{}/{}", field("Seccomp:"), field("NoNewPrivs:")),
+        ));
     }
     out.sort();
     out
@@ -143,7 +147,7 @@ fn every_thread_of_a_running_vm_is_filtered() {
         "no disk worker thread in {list:?}"
     );
     for (name, seccomp) in &list {
-        assert_eq!(seccomp, "2", "thread {name} is not filtered: {list:?}");
+        assert_eq!(seccomp, "2/1", "thread {name} is not filtered: {list:?}");
     }
 }
 
@@ -154,7 +158,7 @@ fn no_seccomp_runs_unfiltered() {
     let list = threads_of_a_running_vm(&s, &["--no-seccomp"]);
     assert!(list.len() >= 5, "{list:?}");
     for (name, seccomp) in &list {
-        assert_eq!(seccomp, "0", "thread {name} is filtered: {list:?}");
+        assert_eq!(seccomp, "0/0", "thread {name} is filtered: {list:?}");
     }
 }
 
@@ -260,7 +264,7 @@ fn the_managers_vm_process_is_filtered() {
         assert!(names.contains(&want), "no {want} thread in {list:?}");
     }
     for (name, seccomp) in &list {
-        assert_eq!(seccomp, "2", "thread {name} is not filtered: {list:?}");
+        assert_eq!(seccomp, "2/1", "thread {name} is not filtered: {list:?}");
     }
     let vmm_log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
     assert!(!vmm_log.contains("seccomp"), "{vmm_log}");
