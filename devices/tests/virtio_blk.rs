@@ -1273,3 +1273,52 @@ fn status_illegal_transitions_after_activation() {
     h.d.set_status(s | status::FAILED);
     assert_ne!(h.d.status() & status::FAILED, 0);
 }
+
+/// A reset while a long flush is in flight waits for that one request only:
+/// the requests queued behind it are not started, and the device comes
+/// back after re-initialisation.
+#[test]
+fn reset_during_a_slow_flush_waits_for_that_request_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), DISK_SIZE);
+    let started = Arc::new(Mutex::new(None));
+    let blk = Block::with_syncer(
+        cfg(&path, false, None),
+        Box::new(SlowSync {
+            started: started.clone(),
+        }),
+    )
+    .unwrap();
+    let mut h = H::with_block(blk, path.clone(), Some(dir), ALL);
+    let fl = h.header(req_type::FLUSH, 0);
+    let fs = h.d.buf_with(&[0xff]);
+    h.d.add_chain(0, &[Seg::ro(fl, 16), Seg::wo(fs, 1)]);
+    for i in 0..3u64 {
+        let hd = h.header(req_type::OUT, i * 8);
+        let b = h.d.buf_with(&[0xab; 4096]);
+        let s = h.d.buf_with(&[0xff]);
+        h.d.add_chain(0, &[Seg::ro(hd, 16), Seg::ro(b, 4096), Seg::wo(s, 1)]);
+    }
+    h.d.notify(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while started.lock().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the flush never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = Instant::now();
+    h.d.set_status(0);
+    let took = t0.elapsed();
+    let flush_took = started.lock().unwrap().unwrap().elapsed();
+    assert_eq!(h.d.status(), 0);
+    assert!(
+        flush_took >= Duration::from_secs(2),
+        "reset returned mid-flush"
+    );
+    assert!(took < Duration::from_secs(3), "reset took {took:?}");
+    // The writes behind the flush never ran.
+    assert_eq!(&h.file()[..3 * 4096], &[0u8; 3 * 4096][..]);
+    h.d.init(ALL, 256).unwrap();
+    h.pump();
+    assert_eq!(h.write(0, &pattern(9, 4096)), req_status::OK);
+    assert_eq!(h.read(0, 4096).1, pattern(9, 4096));
+}
