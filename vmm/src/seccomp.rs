@@ -1,8 +1,12 @@
 //! Per-thread seccomp filters (seccompiler): one allowlist each for the vCPU
 //! threads, the event-loop thread, the thread that started the VM (the
 //! binaries' main thread) and device helper threads (`blk-worker`), each
-//! installed on its own thread, with PR_SET_NO_NEW_PRIVS, before the guest
-//! runs its first instruction.
+//! installed by its own thread, with PR_SET_NO_NEW_PRIVS. The vCPUs run the
+//! guest's first instruction only once their own filter and the main
+//! thread's are in place (a gate in `Vm::launch`); the event loop and the
+//! device threads install theirs as the first thing they do, before they
+//! serve any guest request. [`prepare`] also installs a process-wide SIGSYS
+//! handler.
 //!
 //! Anything not on a thread's list (and `ioctl`s other than the listed
 //! requests, `socket`s other than AF_UNIX, `mmap`/`mprotect` with PROT_EXEC)
