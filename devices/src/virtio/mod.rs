@@ -16,7 +16,9 @@
 //! 3. In the event loop the device sees `activate_evt` and subscribes the
 //!    queue eventfds and its backend fds (file, TAP, Unix sockets). From then
 //!    on a queue notification or backend readiness makes it process chains
-//!    and call `IrqLine::signal_used_queue`.
+//!    and call `IrqLine::signal_used_queue`. (virtio-blk is the exception:
+//!    its worker thread waits on the queue eventfd itself, so disk I/O never
+//!    runs on the event loop; see `block::worker`.)
 //! 4. A write of 0 to Status resets: the transport calls
 //!    [`VirtioDevice::reset`]; the device drops its queues and backend
 //!    subscriptions (a device that cannot reset returns false and the
