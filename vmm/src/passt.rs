@@ -65,11 +65,13 @@ impl Drop for Passt {
         if let Ok(None) = self.child.try_wait() {
             // SAFETY: kill(2) on our own, not yet reaped, child.
             unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-            for _ in 0..100 {
+            // Up to 2 s: a passt still setting itself up (it takes a
+            // while; the probe guest can be done first) exits once through.
+            for _ in 0..2000 {
                 if !matches!(self.child.try_wait(), Ok(None)) {
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(1));
             }
             // SAFETY: as above.
             unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
