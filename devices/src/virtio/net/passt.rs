@@ -176,6 +176,42 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Queues `prefix` then the memory `iovs` describe, from byte `skip` of
+    /// that whole on (what a short write left).
+    ///
+    /// # Safety
+    ///
+    /// Each iovec must describe memory valid for reads of its length.
+    unsafe fn queue_iovecs(&mut self, prefix: &[u8], iovs: &[libc::iovec], mut skip: usize) {
+        if skip < prefix.len() {
+            self.pending.extend_from_slice(&prefix[skip..]);
+            skip = 0;
+        } else {
+            skip -= prefix.len();
+        }
+        for iov in iovs {
+            if skip >= iov.iov_len {
+                skip -= iov.iov_len;
+                continue;
+            }
+            let n = iov.iov_len - skip;
+            self.pending.reserve(n);
+            let len = self.pending.len();
+            // SAFETY: the source is readable (the caller's contract) and
+            // `skip < iov_len` keeps it inside the iovec; `reserve` made
+            // room for `n` bytes past `len`, which the copy initialises.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    iov.iov_base.cast::<u8>().add(skip),
+                    self.pending.as_mut_ptr().add(len),
+                    n,
+                );
+                self.pending.set_len(len + n);
+            }
+            skip = 0;
+        }
+    }
+
     /// Sends one frame made of `parts` (its length prefix first), directly
     /// when nothing is queued, and queues whatever the socket did not
     /// take. `WouldBlock` (nothing taken) when the queue is full.
@@ -221,22 +257,31 @@ impl FrameWriter {
 /// `sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT)` of `parts` on `fd` (no SIGPIPE
 /// when the peer is gone: EPIPE instead), again on EINTR.
 pub fn send_parts(fd: RawFd, parts: &[&[u8]]) -> io::Result<usize> {
-    let mut iov: Vec<libc::iovec> = parts
+    let iov: Vec<libc::iovec> = parts
         .iter()
-        .filter(|p| !p.is_empty())
-        .take(1024)
         .map(|p| libc::iovec {
             iov_base: p.as_ptr() as *mut libc::c_void,
             iov_len: p.len(),
         })
         .collect();
-    // SAFETY: zeroed msghdr is valid; we fill in the iovec array only.
+    // SAFETY: the iovecs describe `parts`, readable for the whole call.
+    unsafe { send_iovecs(fd, &iov) }
+}
+
+/// [`send_parts`] on raw iovecs (at most IOV_MAX of them are sent).
+///
+/// # Safety
+///
+/// Each iovec must describe memory valid for reads of its length for the
+/// duration of the call.
+unsafe fn send_iovecs(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: a zeroed msghdr is valid; only the iovec array is filled in,
+    // and the kernel only reads through it.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = iov.len();
+    msg.msg_iov = iov.as_ptr().cast_mut();
+    msg.msg_iovlen = iov.len().min(1024);
     loop {
-        // SAFETY: the iovecs point into `parts`, which outlive the call; the
-        // kernel only reads through them.
+        // SAFETY: the iovecs are readable (the caller's contract).
         let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if let Ok(n) = usize::try_from(r) {
             return Ok(n);
@@ -339,27 +384,25 @@ impl AsRawFd for PasstBackend {
     }
 }
 
-/// The frame of a TX buffer, after the `skip` bytes of virtio-net header,
-/// as byte slices.
-///
-/// The slices alias guest memory (which the guest may change under us);
-/// they are only handed to the kernel or copied, never inspected.
-fn frame_parts<'b>(buf: &'b IoVecBuf<'_>, mut skip: usize) -> Vec<&'b [u8]> {
-    let mut parts = Vec::with_capacity(buf.as_raw().len());
+/// The iovecs of a TX buffer's frame: the buffer's, less the first `skip`
+/// bytes (the virtio-net header). Pointer arithmetic only: guest memory,
+/// which the guest may change at any time, is never referenced from Rust;
+/// it is handed to the kernel or copied.
+fn frame_iovecs(buf: &IoVecBuf<'_>, mut skip: usize) -> Vec<libc::iovec> {
+    let mut out = Vec::with_capacity(buf.as_raw().len() + 1);
     for iov in buf.as_raw() {
         if skip >= iov.iov_len {
             skip -= iov.iov_len;
             continue;
         }
-        // SAFETY: an IoVecBuf's iovecs are valid for reads for its lifetime,
-        // which outlives `'b`.
-        let s = unsafe {
-            std::slice::from_raw_parts(iov.iov_base.cast::<u8>().add(skip), iov.iov_len - skip)
-        };
+        out.push(libc::iovec {
+            // `skip < iov_len`: still inside the same iovec.
+            iov_base: iov.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+            iov_len: iov.iov_len - skip,
+        });
         skip = 0;
-        parts.push(s);
     }
-    parts
+    out
 }
 
 impl NetBackend for PasstBackend {
@@ -415,16 +458,43 @@ impl NetBackend for PasstBackend {
         if total < VNET_HDR_LEN {
             return Err(io::ErrorKind::InvalidInput.into());
         }
-        let parts = frame_parts(buf, VNET_HDR_LEN);
+        let frame = frame_iovecs(buf, VNET_HDR_LEN);
+        let prefix = ((total - VNET_HDR_LEN) as u32).to_be_bytes();
         let mut write = |p: &[&[u8]]| send_parts(fd, p);
-        match st.writer.send(&parts, &mut write) {
-            Ok(()) => Ok(total),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
-            Err(e) => {
+        if st.writer.pending() > 0 {
+            // What earlier frames left goes first; a full queue takes nothing.
+            if let Err(e) = st.writer.flush(&mut write) {
                 self.hang_up(&mut st, &e);
-                Err(Self::gone())
+                return Err(Self::gone());
+            }
+            if !st.writer.has_room() {
+                return Err(io::ErrorKind::WouldBlock.into());
             }
         }
+        let mut written = 0;
+        if st.writer.pending() == 0 {
+            let mut iov = Vec::with_capacity(frame.len() + 1);
+            iov.push(libc::iovec {
+                iov_base: prefix.as_ptr() as *mut libc::c_void,
+                iov_len: prefix.len(),
+            });
+            iov.extend_from_slice(&frame);
+            // SAFETY: `prefix` is ours; the frame's iovecs come from `buf`,
+            // readable for its lifetime, which spans this call.
+            written = match unsafe { send_iovecs(fd, &iov) } {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    self.hang_up(&mut st, &e);
+                    return Err(Self::gone());
+                }
+            };
+        }
+        if written < prefix.len() + total - VNET_HDR_LEN {
+            // SAFETY: as above.
+            unsafe { st.writer.queue_iovecs(&prefix, &frame, written) };
+        }
+        Ok(total)
     }
 
     fn set_offload(&self, _flags: u32) -> Result<(), NetError> {
@@ -640,6 +710,24 @@ mod codec_tests {
             }
             let want: Vec<u8> = frames.iter().flat_map(|f| encode(f)).collect();
             assert_eq!(sink.got, want, "take {take}");
+        }
+    }
+
+    #[test]
+    fn the_rest_of_a_short_write_is_queued_from_any_offset() {
+        let a = frame_of(5, 1);
+        let b = frame_of(9, 2);
+        let prefix = 14u32.to_be_bytes();
+        let iovs = [&a, &b].map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        });
+        let whole = [&prefix[..], &a, &b].concat();
+        for skip in 0..=whole.len() {
+            let mut w = FrameWriter::new();
+            // SAFETY: the iovecs describe `a` and `b`, alive here.
+            unsafe { w.queue_iovecs(&prefix, &iovs, skip) };
+            assert_eq!(w.pending, whole[skip..], "skip {skip}");
         }
     }
 
