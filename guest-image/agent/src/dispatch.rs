@@ -6,6 +6,7 @@ use serde_json::{json, Map, Value};
 use crate::idl::Registry;
 use crate::machine::Machine;
 use crate::podman::Podman;
+use crate::ports::{self, Ports};
 use crate::protocol::VarlinkError;
 use crate::server::Progress;
 
@@ -21,6 +22,7 @@ pub struct Agent {
     registry: Registry,
     podman: Podman,
     machine: Machine,
+    ports: Ports,
 }
 
 impl Agent {
@@ -29,7 +31,13 @@ impl Agent {
             registry,
             podman,
             machine,
+            ports: Ports::new(),
         }
+    }
+
+    /// The published container ports (followed by `ports::follow`).
+    pub fn ports(&self) -> &Ports {
+        &self.ports
     }
 
     pub fn registry(&self) -> &Registry {
@@ -57,6 +65,9 @@ impl Agent {
         let result = match iface {
             "org.varlink.service" => self.service(method, &params),
             "io.podman" => self.podman.call(method, &params, progress).await,
+            "io.b2p.Machine" if method == "WatchPorts" => {
+                Some(ports::watch_ports(self, progress).await)
+            }
             "io.b2p.Machine" => {
                 self.machine
                     .call(method, &params, self.podman.service())

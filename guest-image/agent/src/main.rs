@@ -1,6 +1,7 @@
 //! b2p-agent: the guest agent. Serves varlink (`org.varlink.service`,
 //! `io.podman`, `io.b2p.Machine`) on vsock port 1024, forwards vsock port
-//! 1025 to Podman's REST socket and vsock port 22 to sshd; for tests, the
+//! 1025 to Podman's REST socket, vsock port 22 to sshd and vsock port 1026
+//! to published container ports (`ports`); for tests, the
 //! same on Unix sockets.
 
 mod dispatch;
@@ -9,6 +10,7 @@ mod idl;
 mod listen;
 mod machine;
 mod podman;
+mod ports;
 mod protocol;
 mod server;
 
@@ -44,6 +46,10 @@ struct Args {
     /// vsock port forwarded to sshd (default 22 when no --unix is given).
     #[arg(long)]
     ssh_port: Option<u32>,
+    /// vsock port on which the host reaches published container ports
+    /// (default 1026 when no --unix is given).
+    #[arg(long)]
+    ports_port: Option<u32>,
     /// Where sshd listens in the guest.
     #[arg(long, default_value = "127.0.0.1:22")]
     ssh_target: std::net::SocketAddr,
@@ -130,6 +136,7 @@ async fn run(args: Args) -> Result<()> {
     let vsock_port = args.vsock_port.or(guest_defaults.then_some(1024));
     let forward_port = args.forward_port.or(guest_defaults.then_some(1025));
     let ssh_port = args.ssh_port.or(guest_defaults.then_some(22));
+    let ports_port = args.ports_port.or(guest_defaults.then_some(1026));
     let mut sockets = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &args.unix {
@@ -183,6 +190,17 @@ async fn run(args: Args) -> Result<()> {
             l,
             "the ssh vsock port",
             move |_agent, s| forward::forward_tcp(target, s),
+        ));
+    }
+    if let Some(port) = ports_port {
+        let l = bind_vsock(port)?;
+        info!("relaying vsock port {port} to published container ports");
+        tasks.spawn(ports::follow(agent.clone()));
+        tasks.spawn(listen::accept_loop(
+            agent.clone(),
+            l,
+            "the published-ports vsock port",
+            ports::relay,
         ));
     }
     agent.machine().milestone("agent-listening");
