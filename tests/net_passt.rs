@@ -9,7 +9,8 @@
 //!
 //! The same backend under b2p-vmm, on real KVM: the probe guest's
 //! virtio-net driver gets a DHCPOFFER through the passt b2p-vmm started
-//! (which ends with the VM), passt killed mid-run leaves the VM running with
+//! (which ends with the VM) and through one it joins (`--net passt=PATH`),
+//! passt killed mid-run leaves the VM running with
 //! one log line, and a missing passt is one line naming the package.
 
 // Both helper modules include tests/common/require.rs (the skip rules).
@@ -589,4 +590,52 @@ fn create_defaults_to_passt_and_takes_tap_or_none() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("apt install passt"), "{err}");
     assert!(!xdg.join("b2p/machines/nopasst").exists());
+}
+
+#[test]
+fn probe_gets_a_dhcp_offer_through_a_passt_it_joins() {
+    let test = "probe_gets_a_dhcp_offer_through_a_passt_it_joins";
+    let Some(vmm) = probe_setup(test) else { return };
+    let dir = TempDir::new("net-passt-join");
+    // As root passt binds its socket as nobody: a directory nobody may write.
+    let sock_dir = dir.join("passt");
+    std::fs::create_dir(&sock_dir).unwrap();
+    if is_root() {
+        sh(&format!("chown nobody '{}'", sock_dir.display()));
+    }
+    std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let sock = sock_dir.join("passt.sock");
+    let _passt = Kill(
+        die_with_us(&mut Command::new("passt"))
+            .args(["--foreground", "--quiet", "--one-off", "-s"])
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting passt"),
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < end, "passt did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run_with_deadline(
+        probe_run(
+            &vmm,
+            &dir,
+            &format!("passt={}", sock.display()),
+            "probe.net=2",
+        ),
+        PROBE_LIMIT,
+    );
+    let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+    let what = format!("{}\n--- console ---\n{console}", out.describe());
+    assert!(out.status.success() && !out.timed_out, "{what}");
+    assert!(console.contains("probe: PASS"), "{what}");
+    assert!(console.contains("probe: net0 dhcp offer "), "{what}");
+    assert!(
+        passt_pid(&out.stderr).is_none(),
+        "it started a passt of its own: {what}"
+    );
 }
