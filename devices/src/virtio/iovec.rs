@@ -229,11 +229,6 @@ impl<'a> IoVecBufMut<'a> {
     }
 }
 
-// SAFETY: the pointers are into guest memory or a host buffer borrowed for
-// 'a (PhantomData<&'a mut [u8]> is Send); moving the buffer to another thread
-// does not outlive either.
-unsafe impl Send for IoVecBufMut<'_> {}
-
 /// Memory the kernel may read from (the source of `writev`, `pwritev`),
 /// valid for `'a`.
 #[derive(Debug)]
@@ -270,9 +265,6 @@ impl<'a> IoVecBuf<'a> {
         Ok(())
     }
 }
-
-// SAFETY: as for IoVecBufMut.
-unsafe impl Send for IoVecBuf<'_> {}
 
 #[cfg(test)]
 mod tests {
