@@ -154,14 +154,27 @@ impl VsockGuest {
         }
     }
 
-    /// The guest console so far, with QEMU's stderr.
+    /// The hybrid vsock socket (`CONNECT <port>\n`) of vhost-device-vsock.
+    #[allow(dead_code)]
+    pub fn uds(&self) -> &Path {
+        &self.uds
+    }
+
+    /// The guest console so far, with the tails of QEMU's and the vsock
+    /// backend's stderr.
     pub fn console(&self) -> String {
         let mut text =
             String::from_utf8_lossy(&fs::read(&self.console).unwrap_or_default()).into_owned();
-        let err = fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default();
-        if !err.trim().is_empty() {
-            text.push_str("\n[qemu stderr] ");
-            text.push_str(&err);
+        for (what, file) in [
+            ("qemu stderr", "qemu.log"),
+            ("vhost-device-vsock", "vhost.log"),
+        ] {
+            let err = fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+            if !err.trim().is_empty() {
+                let tail: Vec<&str> = err.lines().rev().take(20).collect();
+                text.push_str(&format!("\n[{what}, last lines] "));
+                text.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
         }
         text
     }
