@@ -76,28 +76,30 @@ fn die_with_us(cmd: &mut Command) -> &mut Command {
     }
 }
 
-fn ssh(key: &Path, port: u16, script: &str) -> std::process::Output {
-    Command::new("ssh")
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ConnectTimeout=10",
-            "-o",
-            "LogLevel=ERROR",
-        ])
-        .arg("-i")
-        .arg(key)
-        .args(["-p", &port.to_string(), "tc@127.0.0.1", script])
-        .stdin(Stdio::null())
-        .output()
-        .expect("ssh")
+/// One ssh run of `script` as tc through passt's forward of `port`, at
+/// most 60 s (a connection that hangs under a loaded TCG guest is retried).
+fn ssh(key: &Path, port: u16, script: &str) -> common::Outcome {
+    let mut cmd = Command::new("ssh");
+    cmd.args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+    ])
+    .args([
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "LogLevel=ERROR",
+    ])
+    .arg("-i")
+    .arg(key)
+    .args(["-p", &port.to_string(), "tc@127.0.0.1", script]);
+    common::run_with_deadline(cmd, Duration::from_secs(60))
 }
 
 #[test]
@@ -253,15 +255,15 @@ fn guest_gets_dhcp_from_passt_and_reaches_the_hosts_loopback() {
     );
     let out = loop {
         let o = ssh(&key, ssh_port, &script);
-        if o.status.success() {
-            break String::from_utf8_lossy(&o.stdout).into_owned();
+        if o.status.success() && !o.timed_out {
+            break o.stdout;
         }
         assert!(
             start.elapsed() < BOOT_LIMIT,
             "{}",
             log(&format!(
                 "ssh through passt's forward never worked: {}",
-                String::from_utf8_lossy(&o.stderr)
+                o.describe()
             ))
         );
         std::thread::sleep(Duration::from_secs(2));
