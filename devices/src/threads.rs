@@ -11,7 +11,9 @@ use std::sync::OnceLock;
 use std::thread::JoinHandle;
 
 /// What a new device thread runs first, given its role (e.g. `"blk-worker"`).
-/// An error ends the thread before its body runs, with one log line.
+/// An error ends the whole process with one log line: a device thread that
+/// cannot be sandboxed must not serve the guest, and ending only the thread
+/// would leave its device hung.
 pub type StartHook = fn(role: &str) -> Result<(), String>;
 
 static START_HOOK: OnceLock<StartHook> = OnceLock::new();
@@ -31,7 +33,7 @@ where
         if let Some(hook) = START_HOOK.get() {
             if let Err(e) = hook(role) {
                 log::error!("{role} thread: start hook failed: {e}");
-                return;
+                std::process::exit(1);
             }
         }
         body();

@@ -203,6 +203,28 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
+/// Raises the soft open-file limit to the hard one: the vsock device alone may
+/// hold 1024 pending handshakes and 1024 connections, past the usual soft
+/// limit of 1024. A failure only means fewer concurrent streams.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                log::debug!(
+                    "setrlimit(RLIMIT_NOFILE): {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 impl Vm {
     /// Validate `config`, build the VM and start its vCPUs.
     pub fn start(config: VmConfig) -> Result<Vm> {
@@ -213,6 +235,7 @@ impl Vm {
         config.validate()?;
         config.check_host_memory()?;
         crate::seccomp::prepare()?;
+        raise_fd_limit();
         clock.stage("vm_start");
         let mut inputs = HostInputs::open(&config)?;
         let (kvm, vm_fd, mem) = builder::create_vm(&config)?;
