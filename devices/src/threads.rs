@@ -11,9 +11,8 @@ use std::sync::OnceLock;
 use std::thread::JoinHandle;
 
 /// What a new device thread runs first, given its role (e.g. `"blk-worker"`).
-/// An error ends the whole process with one log line: a device thread that
-/// cannot be sandboxed must not serve the guest, and ending only the thread
-/// would leave its device hung.
+/// An error ends the thread before its body runs and is [`spawn`]'s error, so
+/// a device thread that cannot be sandboxed never serves the guest.
 pub type StartHook = fn(role: &str) -> Result<(), String>;
 
 static START_HOOK: OnceLock<StartHook> = OnceLock::new();
@@ -24,18 +23,28 @@ pub fn set_start_hook(hook: StartHook) -> bool {
     START_HOOK.set(hook).is_ok()
 }
 
-/// Spawns a thread named `name` that runs the start hook for `role`, then `body`.
+/// Spawns a thread named `name` that runs the start hook for `role`, then
+/// `body`. Returns once the hook has run in the new thread, so the thread is
+/// sandboxed before its caller goes on (and before any guest code runs when
+/// devices are built before the vCPUs start).
 pub fn spawn<F>(name: String, role: &'static str, body: F) -> io::Result<JoinHandle<()>>
 where
     F: FnOnce() + Send + 'static,
 {
-    std::thread::Builder::new().name(name).spawn(move || {
-        if let Some(hook) = START_HOOK.get() {
-            if let Err(e) = hook(role) {
-                log::error!("{role} thread: start hook failed: {e}");
-                std::process::exit(1);
-            }
+    let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let hooked = START_HOOK.get().map_or(Ok(()), |hook| hook(role));
+        let ok = hooked.is_ok();
+        let _ = started_tx.send(hooked);
+        if ok {
+            body();
         }
-        body();
-    })
+    })?;
+    match started_rx.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => Err(io::Error::other(format!("{role} thread: start hook: {e}"))),
+        Err(_) => Err(io::Error::other(format!(
+            "{role} thread ended before it started"
+        ))),
+    }
 }

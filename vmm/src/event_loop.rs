@@ -58,11 +58,16 @@ impl EventLoop {
             stop: stop.clone(),
         }));
         manager.add_subscriber(stopper);
+        // The thread reports its filter before start returns, so the loop is
+        // sandboxed before any guest code runs, and a failure is start's error.
+        let (sandboxed_tx, sandboxed_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("b2p-events".into())
             .spawn(move || {
-                if let Err(e) = crate::seccomp::apply(crate::seccomp::Role::EventLoop) {
-                    log::error!("event loop: {e}");
+                let sandboxed = crate::seccomp::apply(crate::seccomp::Role::EventLoop);
+                let ok = sandboxed.is_ok();
+                let _ = sandboxed_tx.send(sandboxed);
+                if !ok {
                     return;
                 }
                 while !stop.load(Ordering::Acquire) {
@@ -73,6 +78,15 @@ impl EventLoop {
                 }
             })
             .map_err(io("spawning the event-loop thread"))?;
+        match sandboxed_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(Error::Device(
+                    "the event-loop thread ended before it started".into(),
+                ))
+            }
+        }
         Ok(EventLoop {
             stop_evt,
             thread: Some(thread),

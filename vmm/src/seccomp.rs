@@ -2,11 +2,11 @@
 //! threads, the event-loop thread, the thread that started the VM (the
 //! binaries' main thread) and device helper threads (`blk-worker`), each
 //! installed by its own thread, with PR_SET_NO_NEW_PRIVS. The vCPUs run the
-//! guest's first instruction only once their own filter and the main
-//! thread's are in place (a gate in `Vm::launch`); the event loop and the
-//! device threads install theirs as the first thing they do, before they
-//! serve any guest request. [`prepare`] also installs a process-wide SIGSYS
-//! handler.
+//! guest's first instruction only once every filter is in place: the event
+//! loop and the device threads (spawned while the VM is built) report theirs
+//! before their spawner goes on, and the vCPUs wait at a gate in `Vm::launch`
+//! for their own and the main thread's. [`prepare`] also installs a
+//! process-wide SIGSYS handler.
 //!
 //! Anything not on a thread's list (and `ioctl`s other than the listed
 //! requests, `socket`s other than AF_UNIX, `mmap`/`mprotect` with PROT_EXEC)
@@ -88,6 +88,9 @@ pub enum Role {
     EventLoop,
     Main,
     BlkWorker,
+    /// The manager's published-ports forwarder (`b2p __run-vm`) and the
+    /// threads it starts.
+    Ports,
 }
 
 impl Role {
@@ -98,6 +101,7 @@ impl Role {
             Role::EventLoop => "event-loop",
             Role::Main => "main",
             Role::BlkWorker => "blk-worker",
+            Role::Ports => "ports",
         }
     }
 
@@ -297,6 +301,57 @@ fn rules_for(role: Role) -> Result<Rules, String> {
                 ],
             );
         }
+        Role::Ports => {
+            // The manager's src/ports.rs: loopback TCP listeners, Unix
+            // connections to the machine's vsock socket, a thread per
+            // connection, ports.json rewritten in place (opened before).
+            allow(
+                &mut r,
+                &[
+                    libc::SYS_read,
+                    libc::SYS_recvfrom,
+                    libc::SYS_recvmsg,
+                    libc::SYS_sendto,
+                    libc::SYS_sendmsg,
+                    libc::SYS_connect,
+                    libc::SYS_bind,
+                    libc::SYS_listen,
+                    libc::SYS_accept4,
+                    libc::SYS_setsockopt,
+                    libc::SYS_getsockopt,
+                    libc::SYS_getsockname,
+                    libc::SYS_shutdown,
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    libc::SYS_ftruncate,
+                    libc::SYS_pwrite64,
+                    libc::SYS_clone3,
+                    libc::SYS_set_robust_list,
+                    libc::SYS_rseq,
+                ],
+            );
+            r.insert(
+                libc::SYS_socket,
+                arg_in(
+                    0,
+                    &[
+                        libc::AF_UNIX as u64,
+                        libc::AF_INET as u64,
+                        libc::AF_INET6 as u64,
+                    ],
+                )?,
+            );
+            r.insert(
+                libc::SYS_clone,
+                vec![rule(vec![cond(
+                    0,
+                    Op::MaskedEq(libc::CLONE_THREAD as u64),
+                    libc::CLONE_THREAD as u64,
+                )?])?],
+            );
+            r.insert(libc::SYS_fcntl, arg_in(1, FD_FLAGS)?);
+            r.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64])?);
+        }
         Role::Main => {
             // Waiting for the guest, kicking and joining the vCPUs,
             // restoring the terminal, removing the manager's pid file, ending
@@ -362,6 +417,7 @@ struct Filters {
     event_loop: BpfProgram,
     main: BpfProgram,
     blk_worker: BpfProgram,
+    ports: BpfProgram,
 }
 
 fn filters() -> Result<&'static Filters, SeccompError> {
@@ -374,6 +430,7 @@ fn filters() -> Result<&'static Filters, SeccompError> {
                     event_loop: build(Role::EventLoop)?,
                     main: build(Role::Main)?,
                     blk_worker: build(Role::BlkWorker)?,
+                    ports: build(Role::Ports)?,
                 })
             };
             f().map_err(|e| e.to_string())
@@ -450,6 +507,7 @@ pub fn apply(role: Role) -> Result<(), SeccompError> {
         Role::EventLoop => &f.event_loop,
         Role::Main => &f.main,
         Role::BlkWorker => &f.blk_worker,
+        Role::Ports => &f.ports,
     };
     let selftest = selftest_requested(role);
     THREAD_ROLE.with(|r| r.set(role.name()));
@@ -601,7 +659,13 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        for role in [Role::Vcpu, Role::EventLoop, Role::Main, Role::BlkWorker] {
+        for role in [
+            Role::Vcpu,
+            Role::EventLoop,
+            Role::Main,
+            Role::BlkWorker,
+            Role::Ports,
+        ] {
             let prog = build(role).unwrap();
             assert!(!prog.is_empty(), "{role:?}");
         }
