@@ -98,7 +98,7 @@ fn hup_watch(fd: RawFd) -> Option<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register_with_interest(dup, Interest::PRIORITY) }.ok()
 }
 
-async fn join<A, B>(a: A, b: B)
+pub async fn join<A, B>(a: A, b: B)
 where
     A: AsyncRead + AsyncWrite + AsRawFd + Unpin,
     B: AsyncRead + AsyncWrite + AsRawFd + Unpin,

@@ -39,6 +39,9 @@ pub struct Port {
     pub host_ip: String,
     pub container_port: u16,
     pub container: String,
+    /// The container's Id, and its address on its network (from an inspect).
+    pub id: String,
+    pub container_ip: Option<IpAddr>,
 }
 
 impl Port {
@@ -47,13 +50,21 @@ impl Port {
                "container_port": self.container_port, "container": self.container})
     }
 
-    /// Where the guest answers for this port.
-    fn target(&self) -> SocketAddr {
+    /// Where the guest answers for this port, best first: the container's
+    /// own address and port (netavark 1.4 does not DNAT the guest's
+    /// 127.0.0.1), then the published address.
+    fn targets(&self) -> Vec<SocketAddr> {
         let ip = match self.host_ip.parse::<IpAddr>() {
             Ok(ip) if !ip.is_unspecified() => ip,
             _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
         };
-        SocketAddr::new(ip, self.host_port)
+        let mut v: Vec<SocketAddr> = self
+            .container_ip
+            .map(|c| SocketAddr::new(c, self.container_port))
+            .into_iter()
+            .collect();
+        v.push(SocketAddr::new(ip, self.host_port));
+        v
     }
 }
 
@@ -65,6 +76,7 @@ pub fn parse_list(list: &Value) -> (Vec<Port>, usize) {
     let mut seen = BTreeSet::new();
     let mut cut = 0;
     for c in list.as_array().into_iter().flatten() {
+        let id = c.get("Id").and_then(Value::as_str).unwrap_or_default();
         let name = c
             .get("Names")
             .and_then(|n| n.get(0))
@@ -102,6 +114,8 @@ pub fn parse_list(list: &Value) -> (Vec<Port>, usize) {
                         .to_string(),
                     container_port: c,
                     container: name.to_string(),
+                    id: id.to_string(),
+                    container_ip: None,
                 });
             }
         }
@@ -151,11 +165,41 @@ async fn list(podman: &PodmanService) -> Result<Vec<Port>, String> {
         .json(Method::GET, &format!("{API}/containers/json"), None)
         .await
         .map_err(|e| e.to_string())?;
-    let (ports, cut) = parse_list(&v);
+    let (mut ports, cut) = parse_list(&v);
     if cut > 0 {
         warn!("containers publish more than {MAX_PORTS} ports: {cut} not forwarded");
     }
+    let mut ips: std::collections::HashMap<String, Option<IpAddr>> = Default::default();
+    for p in &mut ports {
+        if !ips.contains_key(&p.id) {
+            ips.insert(p.id.clone(), container_ip(podman, &p.id).await);
+        }
+        p.container_ip = ips.get(&p.id).copied().flatten();
+    }
     Ok(ports)
+}
+
+/// A container's address: `NetworkSettings.IPAddress`, else that of its
+/// first network.
+async fn container_ip(podman: &PodmanService, id: &str) -> Option<IpAddr> {
+    let v = podman
+        .json(
+            Method::GET,
+            &format!("{API}/containers/{}/json", encode(id)),
+            None,
+        )
+        .await
+        .ok()?;
+    let ns = v.get("NetworkSettings")?;
+    let first = ns
+        .get("Networks")
+        .and_then(Value::as_object)
+        .and_then(|m| m.values().find_map(|n| n.get("IPAddress")?.as_str()));
+    let ip = [ns.get("IPAddress").and_then(Value::as_str), first]
+        .into_iter()
+        .flatten()
+        .find_map(|s| s.parse().ok());
+    ip
 }
 
 /// Lists the ports at each container event (and every [`RELIST`]), forever.
@@ -267,7 +311,13 @@ where
         debug!("relay: port {port} is not published");
         return;
     };
-    crate::forward::forward_tcp(p.target(), client).await;
+    for target in p.targets() {
+        match tokio::net::TcpStream::connect(target).await {
+            Ok(up) => return crate::forward::join(client, up).await,
+            Err(e) => debug!("relay: port {port}: {target}: {e}"),
+        }
+    }
+    warn!("relay: port {port}: nothing answers in the guest");
 }
 
 #[cfg(test)]
@@ -290,10 +340,21 @@ mod tests {
         assert_eq!(cut, 10000 - (MAX_PORTS - 3));
         let p8080 = ports.iter().find(|p| p.host_port == 8080).unwrap();
         assert_eq!(p8080.container, "web");
-        assert_eq!(p8080.target(), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(p8080.targets(), ["127.0.0.1:8080".parse().unwrap()]);
         let p8444 = ports.iter().find(|p| p.host_port == 8444).unwrap();
         assert_eq!(p8444.container_port, 444);
-        assert_eq!(p8444.target(), "10.0.2.15:8444".parse().unwrap());
+        assert_eq!(p8444.targets(), ["10.0.2.15:8444".parse().unwrap()]);
+        let with_ip = Port {
+            container_ip: Some("10.88.0.2".parse().unwrap()),
+            ..p8080.clone()
+        };
+        assert_eq!(
+            with_ip.targets(),
+            [
+                "10.88.0.2:80".parse().unwrap(),
+                "127.0.0.1:8080".parse().unwrap()
+            ]
+        );
         assert!(!ports.iter().any(|p| p.host_port == 5353));
         assert_eq!(parse_list(&json!({"x": 1})), (Vec::new(), 0));
     }
