@@ -374,6 +374,12 @@ pub fn run_vm(m: &Machine) -> Result<()> {
     b2p_vmm::seccomp::before_guest_starts(move || {
         machine.write_pid_file().map_err(|e| format!("{e:#}"))
     });
+    // Published container ports (ports.rs): its thread puts on its own
+    // filter first; it reaches the guest once the VM's vsock socket is up.
+    let state = crate::ports::open_state(&m.dir.join(crate::ports::STATE_FILE))
+        .map_err(|e| eprintln!("b2p: published ports: ports.json: {e}"))
+        .ok();
+    crate::ports::spawn(m.vsock_path(), state).context("spawning the ports thread")?;
     let vm = Vm::start(vm_config(m, &config, true)?)?;
     signals
         .stop_vm_on_signal(vm.stop_handle())

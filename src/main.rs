@@ -6,6 +6,7 @@
 
 mod lifecycle;
 mod machine;
+mod ports;
 mod ssh;
 mod userdata;
 mod varlink;
@@ -91,6 +92,15 @@ enum Command {
     /// Join stdin/stdout to a guest vsock port (ssh's ProxyCommand).
     #[command(name = vsock::PROXY, hide = true)]
     VsockProxy { uds: std::path::PathBuf, port: u32 },
+    /// Forward the published ports of the guest behind a hybrid vsock
+    /// socket to the host's loopback (what the VM process runs), until killed.
+    #[command(name = "__forward-ports", hide = true)]
+    ForwardPorts {
+        uds: std::path::PathBuf,
+        /// Keep this file (ports.json) current.
+        #[arg(long)]
+        state: Option<std::path::PathBuf>,
+    },
     /// The VM process of a machine (started by `b2p start`).
     #[command(name = RUN_VM, hide = true)]
     RunVm { name: String },
@@ -205,11 +215,20 @@ fn inspect(m: &Machine) -> Result<ExitCode> {
         State::Stopped => ("Stopped", None),
     };
     let path = |p: std::path::PathBuf| p.display().to_string();
+    // What the VM process forwards (ports.rs), while it runs.
+    let ports = pid.and_then(|_| {
+        let text = std::fs::read_to_string(m.dir.join(ports::STATE_FILE)).ok()?;
+        serde_json::from_str::<Value>(&text)
+            .ok()?
+            .get("ports")
+            .cloned()
+    });
     let v = json!({
         "name": m.name,
         "state": state,
         "pid": pid,
         "network": config.network().as_str(),
+        "ports": ports.unwrap_or_else(|| json!([])),
         "config": config,
         "paths": {
             "dir": path(m.dir.clone()),
@@ -295,6 +314,14 @@ fn run(command: Command) -> Result<ExitCode> {
                 },
         } => return varlink_call(&address, &method, &parameters, more, timeout),
         Command::VsockProxy { uds, port } => vsock::proxy(&uds, port)?,
+        Command::ForwardPorts { uds, state } => {
+            let state = match state {
+                Some(p) => Some(ports::open_state(&p).with_context(|| format!("{}", p.display()))?),
+                None => None,
+            };
+            b2p_vmm::seccomp::apply(b2p_vmm::seccomp::Role::Ports)?;
+            ports::Forwarder::new(uds, state).run()
+        }
         Command::RunVm { name } => lifecycle::run_vm(&Machine::existing(&name)?)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -351,6 +351,9 @@ fn rules_for(role: Role) -> Result<Rules, String> {
             );
             r.insert(libc::SYS_fcntl, arg_in(1, FD_FLAGS)?);
             r.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64])?);
+            // glibc's first pthread_create in a process installs its
+            // SIGSETXID handler (kernel signal 33, SIGRTMIN + 1 of glibc).
+            r.insert(libc::SYS_rt_sigaction, arg_in(0, &[33])?);
         }
         Role::Main => {
             // Waiting for the guest, kicking and joining the vCPUs,

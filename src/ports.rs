@@ -1,0 +1,393 @@
+//! Published container ports on the host's loopback: the VM process follows
+//! the agent's `io.b2p.Machine.WatchPorts` over the machine's hybrid vsock
+//! socket, opens a listener on 127.0.0.1:HOSTPORT (and [::1]:HOSTPORT where
+//! the host has it) for each TCP port a running container publishes, closes
+//! it when the port goes away, and joins each accepted connection to the
+//! guest through vsock port [`RELAY_PORT`] (`TCP <hostport>\n`, then bytes
+//! both ways, end of file passed on as a half-close). A host port already
+//! taken is one log line (and an `error` in ports.json); the others work.
+//! The guest is untrusted: at most [`MAX_PORTS`] ports and
+//! [`MAX_CONNECTIONS`] connections at once, replies capped in size.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// One line on stderr (vmm.log in the VM process).
+macro_rules! note {
+    ($($t:tt)*) => {
+        eprintln!("b2p: published ports: {}", format_args!($($t)*))
+    };
+}
+
+/// The agent's varlink port and its published-ports relay port.
+pub const VARLINK_PORT: u32 = 1024;
+pub const RELAY_PORT: u32 = 1026;
+/// The most ports forwarded; the guest's further ones are logged once.
+pub const MAX_PORTS: usize = 256;
+/// Forwarded connections at once (all ports); more are closed at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// The VM process's record of the forwarded ports, in the machine's dir.
+pub const STATE_FILE: &str = "ports.json";
+/// The largest WatchPorts reply taken.
+const MAX_REPLY: usize = 1 << 20;
+
+/// One host port being forwarded (or that could not be).
+struct Forward {
+    container_port: u64,
+    container: String,
+    listening: Vec<SocketAddr>,
+    error: Option<String>,
+    stop: Arc<AtomicBool>,
+    fds: Vec<i32>,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for fd in &self.fds {
+            // SAFETY: shutting down a listening socket its accept thread
+            // owns wakes that thread's accept(2) (EINVAL); the descriptor
+            // stays open until the thread drops its listener.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+    }
+}
+
+/// The forwarder of one machine.
+pub struct Forwarder {
+    uds: PathBuf,
+    state: Option<File>,
+    ports: BTreeMap<u16, Forward>,
+    connections: Arc<AtomicUsize>,
+    capped_logged: bool,
+    /// Whether the current WatchPorts call has answered.
+    following: bool,
+}
+
+impl Forwarder {
+    /// A forwarder for the guest behind the hybrid socket `uds`; `state`
+    /// (ports.json, opened by the caller) gets the current set.
+    pub fn new(uds: PathBuf, state: Option<File>) -> Self {
+        Self {
+            uds,
+            state,
+            ports: BTreeMap::new(),
+            connections: Arc::new(AtomicUsize::new(0)),
+            capped_logged: false,
+            following: false,
+        }
+    }
+
+    /// Follows the guest forever: connects to WatchPorts (again after each
+    /// loss, every 200 ms) and applies each set it gets.
+    pub fn run(mut self) -> ! {
+        loop {
+            if let Err(e) = self.watch() {
+                if self.following {
+                    note!("the agent's WatchPorts ended ({e}); retrying");
+                }
+            }
+            self.following = false;
+            self.apply(&[]);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// One WatchPorts call, until the connection ends.
+    fn watch(&mut self) -> Result<(), String> {
+        let stream =
+            crate::vsock::hybrid_connect(&self.uds, VARLINK_PORT, Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+        let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+        w.write_all(b"{\"method\":\"io.b2p.Machine.WatchPorts\",\"more\":true}\0")
+            .map_err(|e| e.to_string())?;
+        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(stream);
+        loop {
+            let mut buf = Vec::new();
+            let n = (&mut r)
+                .take(MAX_REPLY as u64)
+                .read_until(0, &mut buf)
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed".into());
+            }
+            if buf.pop() != Some(0) {
+                return Err("reply too long or cut".into());
+            }
+            let reply: Value = serde_json::from_slice(&buf).map_err(|e| e.to_string())?;
+            if let Some(err) = reply.get("error").and_then(Value::as_str) {
+                return Err(format!("the agent answered {err}"));
+            }
+            let list = reply
+                .pointer("/parameters/ports")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            self.following = true;
+            self.apply(&list);
+            if reply.get("continues").and_then(Value::as_bool) != Some(true) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Makes the listeners match `list` (the agent's PublishedPort values).
+    fn apply(&mut self, list: &[Value]) {
+        let mut want: BTreeMap<u16, (u64, String)> = BTreeMap::new();
+        for p in list {
+            let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("tcp");
+            let Some(port) = p
+                .get("host_port")
+                .and_then(Value::as_u64)
+                .and_then(|v| u16::try_from(v).ok())
+                .filter(|&v| v != 0 && proto == "tcp")
+            else {
+                continue;
+            };
+            if want.len() >= MAX_PORTS && !want.contains_key(&port) {
+                if !self.capped_logged {
+                    note!(
+                        "the guest asks for {} ports; forwarding the first {MAX_PORTS}",
+                        list.len()
+                    );
+                    self.capped_logged = true;
+                }
+                continue;
+            }
+            let cport = p.get("container_port").and_then(Value::as_u64).unwrap_or(0);
+            let name = p
+                .get("container")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .chars()
+                .take(128)
+                .collect();
+            want.insert(port, (cport, name));
+        }
+        let before = self.ports.len();
+        self.ports.retain(|port, _| want.contains_key(port));
+        let mut changed = before != self.ports.len();
+        for (port, (cport, name)) in want {
+            if self.ports.contains_key(&port) {
+                continue;
+            }
+            changed = true;
+            let f = self.open(port, cport, name);
+            self.ports.insert(port, f);
+        }
+        if changed {
+            self.write_state();
+        }
+    }
+
+    /// Opens the listeners for one port and their accept threads.
+    fn open(&self, port: u16, container_port: u64, container: String) -> Forward {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut f = Forward {
+            container_port,
+            container,
+            listening: Vec::new(),
+            error: None,
+            stop: stop.clone(),
+            fds: Vec::new(),
+        };
+        let v4 = SocketAddr::from(([127, 0, 0, 1], port));
+        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+        for addr in [v4, v6] {
+            let l = match TcpListener::bind(addr) {
+                Ok(l) => l,
+                // A host without IPv6 on its loopback.
+                Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                    continue
+                }
+                Err(e) => {
+                    let msg = format!("host port {addr} is not free ({e}): not forwarded");
+                    note!("{msg}");
+                    f.error.get_or_insert(msg);
+                    continue;
+                }
+            };
+            f.fds.push(l.as_raw_fd());
+            f.listening.push(addr);
+            let (uds, stop, conns) = (self.uds.clone(), stop.clone(), self.connections.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("b2p-port{port}"))
+                .spawn(move || accept_loop(l, port, uds, stop, conns));
+            if let Err(e) = spawned {
+                note!("no thread for {addr}: {e}");
+                f.fds.pop();
+                f.listening.pop();
+            }
+        }
+        f
+    }
+
+    fn write_state(&self) {
+        let Some(file) = &self.state else { return };
+        let list: Vec<Value> = self
+            .ports
+            .iter()
+            .map(|(port, f)| {
+                json!({"protocol": "tcp", "host_port": port, "container_port": f.container_port,
+                       "container": f.container,
+                       "listening": f.listening.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                       "error": f.error})
+            })
+            .collect();
+        let mut text = json!({ "ports": list }).to_string();
+        text.push('\n');
+        let _ = file.set_len(0);
+        if let Err(e) = file.write_all_at(text.as_bytes(), 0) {
+            note!("writing ports.json: {e}");
+        }
+    }
+}
+
+fn accept_loop(
+    l: TcpListener,
+    port: u16,
+    uds: PathBuf,
+    stop: Arc<AtomicBool>,
+    conns: Arc<AtomicUsize>,
+) {
+    loop {
+        let accepted = l.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let client = match accepted {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                note!("accept on host port {port}: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if conns.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            conns.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        let (uds, conns2) = (uds.clone(), conns.clone());
+        let spawned = std::thread::Builder::new()
+            .name("b2p-port-conn".into())
+            .spawn(move || {
+                relay(client, port, &uds);
+                conns2.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            conns.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Joins one accepted connection to the guest's published `port`.
+fn relay(client: TcpStream, port: u16, uds: &Path) {
+    let guest = match crate::vsock::hybrid_connect(uds, RELAY_PORT, Some(Duration::from_secs(5))) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    if guest.set_read_timeout(None).is_err()
+        || (&guest)
+            .write_all(format!("TCP {port}\n").as_bytes())
+            .is_err()
+    {
+        return;
+    }
+    let _ = client.set_nodelay(true);
+    join(client, guest);
+}
+
+/// Copies both ways; each end of file becomes a half-close of the other
+/// side; once the guest side is gone entirely, the client is closed too.
+fn join(client: TcpStream, guest: UnixStream) {
+    let (Ok(c2), Ok(g2)) = (client.try_clone(), guest.try_clone()) else {
+        return;
+    };
+    let up = std::thread::Builder::new()
+        .name("b2p-port-up".into())
+        .spawn(move || {
+            let _ = pump(&c2, &g2);
+            let _ = g2.shutdown(Shutdown::Write);
+        });
+    let _ = pump(&guest, &client);
+    let _ = client.shutdown(Shutdown::Write);
+    // The guest may still read what the client sends (a half-close); when
+    // it is gone altogether, so is the client's connection.
+    wait_hangup(&guest);
+    let _ = client.shutdown(Shutdown::Both);
+    if let Ok(t) = up {
+        let _ = t.join();
+    }
+}
+
+fn pump(mut from: impl Read, mut to: impl Write) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+fn wait_hangup(s: &UnixStream) {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd for the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r > 0 || (r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)) {
+            return;
+        }
+    }
+}
+
+/// Opens (creates, 0600) the state file the forwarder keeps current.
+pub fn open_state(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all_at(b"{\"ports\":[]}\n", 0)?;
+    Ok(f)
+}
+
+/// Starts the forwarder on its own thread (`b2p-ports`), under its own
+/// seccomp filter; the threads it starts inherit that filter.
+pub fn spawn(uds: PathBuf, state: Option<File>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("b2p-ports".into())
+        .spawn(move || {
+            if let Err(e) = b2p_vmm::seccomp::apply(b2p_vmm::seccomp::Role::Ports) {
+                note!("not forwarded: {e}");
+                return;
+            }
+            Forwarder::new(uds, state).run()
+        })
+        .map(|_| ())
+}
