@@ -349,7 +349,10 @@ impl Vm {
                         on_panic.finish(Err(e.into()));
                         return;
                     }
-                    // A bug must end the VM with an error, not leave wait() hanging.
+                    // A bug must end the VM, not leave wait() hanging: under
+                    // panic = "unwind" (debug builds, embedders) this ends it
+                    // with an error; release builds of our binaries abort the
+                    // whole process on a panic instead (panic = "abort").
                     let run = std::panic::AssertUnwindSafe(|| v.run());
                     if std::panic::catch_unwind(run).is_err() {
                         on_panic.finish(Err(Error::Vcpu {
