@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::vsock::{pump, wait_hangup};
+
 /// One line on stderr (vmm.log in the VM process).
 macro_rules! note {
     ($($t:tt)*) => {
@@ -330,36 +332,6 @@ fn join(client: TcpStream, guest: UnixStream) {
     let _ = client.shutdown(Shutdown::Both);
     if let Ok(t) = up {
         let _ = t.join();
-    }
-}
-
-fn pump(mut from: impl Read, mut to: impl Write) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
-        total += n as u64;
-    }
-}
-
-fn wait_hangup(s: &UnixStream) {
-    let mut pfd = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: one valid pollfd for the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r > 0 || (r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)) {
-            return;
-        }
     }
 }
 

@@ -96,7 +96,7 @@ pub fn proxy(uds: &Path, port: u32) -> anyhow::Result<()> {
 }
 
 /// Blocks until `stream` reports POLLHUP or an error.
-fn wait_hangup(stream: &UnixStream) {
+pub(crate) fn wait_hangup(stream: &UnixStream) {
     let mut pfd = libc::pollfd {
         fd: stream.as_raw_fd(),
         events: 0,
@@ -114,7 +114,7 @@ fn wait_hangup(stream: &UnixStream) {
 }
 
 /// Copies until end of file, each chunk written as soon as it is read.
-fn pump(mut from: impl Read, mut to: impl Write) -> std::io::Result<u64> {
+pub(crate) fn pump(mut from: impl Read, mut to: impl Write) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0;
     loop {
