@@ -16,6 +16,8 @@
 
 #[path = "guest_image/mod.rs"]
 mod support;
+#[path = "common/vhost_half_close.rs"]
+mod vhost_half_close;
 #[path = "guest_image/vsock.rs"]
 mod vsock;
 
@@ -138,12 +140,15 @@ fn published_ports_reach_the_hosts_loopback_under_qemu_tcg() {
     }
     // An HTTP answer ends with the guest's half-close, which the stock
     // vhost-device-vsock 0.3 drops (rust-vmm/vhost-device#874; b2p-vmm's
-    // device carries it): the fixed build tests/agent_vsock.rs makes.
-    let vhost = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("vhost-device-vsock-half-close/target/release/vhost-device-vsock");
-    if !vhost.is_file() {
-        return skip("published_ports: no vhost-device-vsock with half-closes (cargo test --test agent_vsock builds it)");
-    }
+    // device carries it): the fixed build (tests/common/vhost_half_close.rs).
+    let vhost = match vhost_half_close::patched_vhost() {
+        Ok(bin) => bin,
+        Err(why) => {
+            return skip(&format!(
+                "published_ports: no vhost-device-vsock with half-closes ({why})"
+            ))
+        }
+    };
     let _g = boot_lock();
     let dir = tempfile_dir("b2p-ports");
     let b2p = Path::new(env!("CARGO_BIN_EXE_b2p"));
