@@ -13,11 +13,11 @@ fn s(v: &Value, key: &str) -> String {
         .to_string()
 }
 
-fn i(v: &Value, key: &str) -> i64 {
+pub(super) fn i(v: &Value, key: &str) -> i64 {
     v.get(key).and_then(Value::as_i64).unwrap_or_default()
 }
 
-fn strings(v: &Value, key: &str) -> Vec<String> {
+pub(super) fn strings(v: &Value, key: &str) -> Vec<String> {
     v.get(key)
         .and_then(Value::as_array)
         .map(|a| {
