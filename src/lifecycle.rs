@@ -383,6 +383,9 @@ pub fn run_vm(m: &Machine) -> Result<()> {
         .map_err(|e| eprintln!("b2p: published ports: ports.json: {e}"))
         .ok();
     crate::ports::spawn(m.vsock_path(), state).context("spawning the ports thread")?;
+    // The guest's wall clock from the host's, at boot and after each
+    // host resume (clock.rs).
+    crate::clock::spawn(m.vsock_path()).context("spawning the clock thread")?;
     let vm = Vm::start(vm_config(m, &config, true)?)?;
     signals
         .stop_vm_on_signal(vm.stop_handle())
@@ -459,6 +462,130 @@ fn wait_stopped(m: &Machine, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     m.state() == State::Stopped
+}
+
+/// What `b2p set` changes (its command-line options; at least one).
+#[derive(clap::Args, Debug)]
+pub struct SetOptions {
+    /// New data disk size in MiB (it can only grow; the guest grows its
+    /// partition and filesystem at the next boot)
+    #[arg(long = "disk-size", value_name = "MiB")]
+    pub disk_size_mib: Option<u64>,
+    /// New guest memory in MiB
+    #[arg(long = "memory", value_name = "MiB")]
+    pub memory_mib: Option<u64>,
+    /// New number of vCPUs
+    #[arg(long)]
+    pub cpus: Option<usize>,
+}
+
+/// Changes a stopped machine's disk size, memory or vCPUs. Everything is
+/// checked before anything changes: a running machine (its pid file, the
+/// vmm.log lock a starting one holds, the disk's lock any VM holds), a
+/// smaller disk, memory or vCPUs the monitor or host cannot give each
+/// fail with one line and leave the machine as it was. Returns what
+/// changed, one line each.
+pub fn set(m: &Machine, opts: SetOptions) -> Result<Vec<String>> {
+    if opts.disk_size_mib.is_none() && opts.memory_mib.is_none() && opts.cpus.is_none() {
+        bail!("nothing to set: give --disk-size, --memory or --cpus");
+    }
+    if let State::Running(pid) = m.state() {
+        bail!(
+            "machine {} is running (pid {pid}): stop it first (b2p stop {})",
+            m.name,
+            m.name
+        );
+    }
+    // Held until the end: a `b2p start` racing this one is refused.
+    let log = private_file(&m.vmm_log_path(), false)
+        .with_context(|| format!("opening {}", m.vmm_log_path().display()))?;
+    // SAFETY: flock on an fd we own; no memory is passed.
+    if unsafe { libc::flock(log.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "machine {} is starting or running ({} is locked): stop it first",
+            m.name,
+            m.vmm_log_path().display()
+        );
+    }
+    let old = m.load()?;
+    let mut new = old.clone();
+    if let Some(mib) = opts.memory_mib {
+        new.memory_mib = mib;
+    }
+    if let Some(n) = opts.cpus {
+        new.cpus = n;
+    }
+    let vm = vm_config(m, &new, false)?;
+    vm.validate().map_err(anyhow::Error::new)?;
+    if opts.memory_mib.is_some() {
+        vm.check_host_memory().map_err(anyhow::Error::new)?;
+    }
+    let disk_path = m.disk_path();
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk_path)
+        .with_context(|| format!("opening {}", disk_path.display()))?;
+    // Any VM of this disk (ours, QEMU, Cloud Hypervisor) holds this lock.
+    b2p_vmm::disk_lock::lock_image(&disk, false).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is in use by a running VM ({e}): stop it first",
+            disk_path.display()
+        )
+    })?;
+    let old_bytes = disk.metadata()?.len();
+    let mut grow_to = None;
+    if let Some(mib) = opts.disk_size_mib {
+        let bytes = mib
+            .checked_mul(1 << 20)
+            .filter(|b| i64::try_from(*b).is_ok())
+            .with_context(|| {
+                format!(
+                    "--disk-size {mib} MiB is too large (at most {} MiB)",
+                    (i64::MAX as u64) >> 20
+                )
+            })?;
+        if bytes < old_bytes {
+            bail!(
+                "--disk-size {mib} MiB is smaller than the disk's {} MiB: a disk can only grow",
+                old_bytes >> 20
+            );
+        }
+        new.disk_size_mib = mib;
+        if bytes > old_bytes {
+            grow_to = Some(bytes);
+        }
+    }
+    let mut changed = Vec::new();
+    if let Some(bytes) = grow_to {
+        // Sparse: the new tail takes no space until the guest writes it.
+        disk.set_len(bytes)
+            .with_context(|| format!("growing {}", disk_path.display()))?;
+        changed.push(format!(
+            "disk {} -> {} MiB (the guest grows its partition and filesystem at the next boot)",
+            old_bytes >> 20,
+            bytes >> 20
+        ));
+    }
+    if let Err(e) = m.save(&new) {
+        if grow_to.is_some() {
+            // Nothing has been written to the new tail: give it back.
+            let _ = disk.set_len(old_bytes);
+        }
+        return Err(e);
+    }
+    if new.memory_mib != old.memory_mib {
+        changed.push(format!(
+            "memory {} -> {} MiB",
+            old.memory_mib, new.memory_mib
+        ));
+    }
+    if new.cpus != old.cpus {
+        changed.push(format!("cpus {} -> {}", old.cpus, new.cpus));
+    }
+    drop(disk);
+    drop(log);
+    Ok(changed)
 }
 
 /// Removes a machine; a running one only with `force` (it is stopped first).

@@ -2,8 +2,9 @@
 //! under `$XDG_DATA_HOME/b2p/machines/NAME/` (machine.rs); their VM runs in
 //! a detached `b2p` process that embeds the b2p-vmm monitor
 //! (lifecycle.rs). Verbs: create, start, stop, status, ls, inspect, env,
-//! ip, ssh, rm, and `varlink NAME|ADDRESS call METHOD [PARAMS-JSON]`.
+//! ip, ssh, set, rm, and `varlink NAME|ADDRESS call METHOD [PARAMS-JSON]`.
 
+mod clock;
 mod lifecycle;
 mod machine;
 mod ports;
@@ -19,7 +20,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
-use lifecycle::CreateOptions;
+use lifecycle::{CreateOptions, SetOptions};
 use machine::{Machine, State, RUN_VM};
 
 #[derive(Parser, Debug)]
@@ -75,6 +76,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Change a stopped machine's disk size (grow only), memory or vCPUs.
+    Set {
+        name: String,
+        #[command(flatten)]
+        options: SetOptions,
+    },
     /// Remove a machine and its disk.
     Rm {
         name: String,
@@ -101,6 +108,10 @@ enum Command {
         #[arg(long)]
         state: Option<std::path::PathBuf>,
     },
+    /// Set the wall clock of the guest behind a hybrid vsock socket to
+    /// this host's (what the VM process does at boot and after a resume).
+    #[command(name = "__set-guest-time", hide = true)]
+    SetGuestTime { uds: std::path::PathBuf },
     /// The VM process of a machine (started by `b2p start`).
     #[command(name = RUN_VM, hide = true)]
     RunVm { name: String },
@@ -299,6 +310,15 @@ fn run(command: Command) -> Result<ExitCode> {
             println!("{addr}");
         }
         Command::Ssh { name, command } => ssh::ssh(&Machine::existing(&name)?, &command)?,
+        Command::Set { name, options } => {
+            let changed = lifecycle::set(&Machine::existing(&name)?, options)?;
+            if changed.is_empty() {
+                println!("Machine {name}: nothing changed");
+            }
+            for c in changed {
+                println!("Machine {name}: {c}");
+            }
+        }
         Command::Rm { name, force } => {
             lifecycle::remove(&Machine::existing(&name)?, force)?;
             println!("Machine {name} removed");
@@ -321,6 +341,10 @@ fn run(command: Command) -> Result<ExitCode> {
             };
             b2p_vmm::seccomp::apply(b2p_vmm::seccomp::Role::Ports)?;
             ports::Forwarder::new(uds, state).run()
+        }
+        Command::SetGuestTime { uds } => {
+            let off = clock::set_guest_time(&uds)?;
+            println!("guest clock set from the host's (it was {off:+.3} s off)");
         }
         Command::RunVm { name } => lifecycle::run_vm(&Machine::existing(&name)?)?,
     }
