@@ -174,6 +174,9 @@ void virtio_run_all(void)
 			if (cmdline_str("probe.vsock_echo") || cmdline_str("probe.vsock_connect"))
 				virtio_vsock_test(d);
 			break;
+		case VIRTIO_ID_FS:
+			virtio_fs_test(d);
+			break;
 		}
 	}
 }

@@ -12,6 +12,7 @@
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
 #define VIRTIO_ID_VSOCK 19
+#define VIRTIO_ID_FS 26
 
 #define VIRTIO_F_VERSION_1 (1UL << 32)
 
@@ -109,6 +110,7 @@ void virtio_rng_test(struct vdev *d);
 void virtio_blk_test(struct vdev *d, const char *mode);
 void virtio_net_test(struct vdev *d);
 void virtio_vsock_test(struct vdev *d);
+void virtio_fs_test(struct vdev *d);
 void virtio_run_all(void);
 
 /* Deterministic pattern shared with the host test (xorshift64*). */
