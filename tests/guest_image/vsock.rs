@@ -54,10 +54,22 @@ impl VsockGuest {
         disk: &Path,
         cmdline: &str,
     ) -> VsockGuest {
+        VsockGuest::boot_with(vhost_bin, kernel, initrd, disk, cmdline, &[])
+    }
+
+    /// [`VsockGuest::boot`] with more QEMU arguments (a `-netdev`, say).
+    pub fn boot_with(
+        vhost_bin: &Path,
+        kernel: &Path,
+        initrd: &Path,
+        disk: &Path,
+        cmdline: &str,
+        qemu_args: &[String],
+    ) -> VsockGuest {
         let mut tries = 0;
         loop {
             tries += 1;
-            let mut g = VsockGuest::boot_once(vhost_bin, kernel, initrd, disk, cmdline);
+            let mut g = VsockGuest::boot_once(vhost_bin, kernel, initrd, disk, cmdline, qemu_args);
             while g.started.elapsed() < EARLY_BOOT && g.exited().is_none() {
                 if g.console().contains("Run /init") {
                     return g;
@@ -85,6 +97,7 @@ impl VsockGuest {
         initrd: &Path,
         disk: &Path,
         cmdline: &str,
+        qemu_args: &[String],
     ) -> VsockGuest {
         let dir = tempfile_dir("b2p-vsock-guest");
         let vhost_sock = dir.join("vhost.sock");
@@ -139,6 +152,7 @@ impl VsockGuest {
             .arg("-chardev")
             .arg(format!("socket,id=c0,path={}", vhost_sock.display()))
             .args(["-device", "vhost-user-vsock-device,chardev=c0"])
+            .args(qemu_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("qemu.log")).unwrap())
