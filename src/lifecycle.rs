@@ -259,8 +259,10 @@ pub fn vm_config(m: &Machine, c: &MachineConfig, resolve_image: bool) -> Result<
 }
 
 /// Starts the machine's VM process and waits until its VM runs (or says
-/// why it cannot); returns its pid.
-pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
+/// why it cannot); returns its pid. With `proxy_env`, the VM process keeps
+/// this environment's proxy settings, which it hands to the guest
+/// (proxy.rs); without, they are taken out of its environment.
+pub fn start(m: &Machine, limit: Duration, proxy_env: bool) -> Result<u32> {
     if let State::Running(pid) = m.state() {
         bail!("machine {} is already running (pid {pid})", m.name);
     }
@@ -268,6 +270,9 @@ pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
     vm_config(m, &config, true)?
         .validate()
         .map_err(anyhow::Error::new)?;
+    if proxy_env {
+        crate::proxy::from_env()?;
+    }
     // A machine made before directories were private becomes private.
     std::fs::set_permissions(&m.dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private", m.dir.display()))?;
@@ -290,6 +295,11 @@ pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
     let _ = std::fs::remove_file(m.pid_path());
     let exe = std::env::current_exe().context("locating the b2p binary")?;
     let mut cmd = Command::new(exe);
+    if !proxy_env {
+        for var in crate::proxy::NAMES {
+            cmd.env_remove(var);
+        }
+    }
     cmd.arg(RUN_VM)
         .arg(&m.name)
         .stdin(Stdio::null())
@@ -386,7 +396,10 @@ pub fn run_vm(m: &Machine) -> Result<()> {
     // The guest's wall clock from the host's, at boot and after each
     // host resume (clock.rs).
     crate::clock::spawn(m.vsock_path()).context("spawning the clock thread")?;
-    let vm = Vm::start(vm_config(m, &config, true)?)?;
+    let mut vm_cfg = vm_config(m, &config, true)?;
+    // The proxy settings `b2p start` left in this process's environment.
+    vm_cfg.cmdline.push_str(&crate::proxy::from_env()?);
+    let vm = Vm::start(vm_cfg)?;
     signals
         .stop_vm_on_signal(vm.stop_handle())
         .context("spawning the signal thread")?;

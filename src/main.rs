@@ -8,6 +8,7 @@ mod clock;
 mod lifecycle;
 mod machine;
 mod ports;
+mod proxy;
 mod ssh;
 mod userdata;
 mod varlink;
@@ -52,6 +53,10 @@ enum Command {
         /// Return as soon as the VM runs, without waiting for the agent
         #[arg(long)]
         no_wait: bool,
+        /// Do not hand this environment's HTTP_PROXY, HTTPS_PROXY and
+        /// NO_PROXY (either case) to the guest's Podman
+        #[arg(long)]
+        no_proxy_env: bool,
     },
     /// Stop a machine: the guest shuts down, else its VM is stopped.
     Stop {
@@ -66,7 +71,7 @@ enum Command {
     Ls,
     /// Print a machine's configuration, state and paths as JSON.
     Inspect { name: String },
-    /// Print the shell exports that point podman and varlink clients at a machine.
+    /// Print the shell exports that point podman, docker and varlink clients at a machine.
     Env { name: String },
     /// Print a machine's IPv4 address.
     Ip { name: String },
@@ -112,6 +117,10 @@ enum Command {
     /// this host's (what the VM process does at boot and after a resume).
     #[command(name = "__set-guest-time", hide = true)]
     SetGuestTime { uds: std::path::PathBuf },
+    /// Print the kernel command line words `b2p start` adds for this
+    /// environment's proxy settings (tests).
+    #[command(name = "__proxy-cmdline", hide = true)]
+    ProxyCmdline,
     /// The VM process of a machine (started by `b2p start`).
     #[command(name = RUN_VM, hide = true)]
     RunVm { name: String },
@@ -268,9 +277,10 @@ fn run(command: Command) -> Result<ExitCode> {
             name,
             timeout,
             no_wait,
+            no_proxy_env,
         } => {
             let m = Machine::existing(&name)?;
-            let pid = lifecycle::start(&m, Duration::from_secs(30))?;
+            let pid = lifecycle::start(&m, Duration::from_secs(30), !no_proxy_env)?;
             println!(
                 "Machine {name} started (pid {pid}); console: {}",
                 m.console_log_path().display()
@@ -296,6 +306,11 @@ fn run(command: Command) -> Result<ExitCode> {
             let m = Machine::existing(&name)?;
             println!(
                 "export CONTAINER_HOST=unix://{}",
+                m.podman_socket_path().display()
+            );
+            // Podman's Docker-compatible API answers on the same socket.
+            println!(
+                "export DOCKER_HOST=unix://{}",
                 m.podman_socket_path().display()
             );
             println!("export VARLINK_ADDRESS=unix:{}", m.varlink_path().display());
@@ -346,6 +361,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let off = clock::set_guest_time(&uds)?;
             println!("guest clock set from the host's (it was {off:+.3} s off)");
         }
+        Command::ProxyCmdline => println!("{}", proxy::from_env()?.trim_start()),
         Command::RunVm { name } => lifecycle::run_vm(&Machine::existing(&name)?)?,
     }
     Ok(ExitCode::SUCCESS)
