@@ -53,3 +53,25 @@ if [ ! -x /usr/libexec/virtiofsd ] && ! command -v virtiofsd >/dev/null \
   echo "installing: virtiofsd (cargo install, a few minutes)"
   cargo install --locked virtiofsd
 fi
+
+# tests/net_pull.rs and tests/docker_cli.rs: a DNS server, a registry and
+# skopeo to seed it, an HTTP proxy, and Debian's docker client
+# (/usr/bin/docker). The tests run their own instances: no service may start
+# during the install (a policy-rc.d that answers 101 while it runs).
+NET_PKGS=(dnsmasq-base docker-registry skopeo tinyproxy docker.io)
+missing=()
+for p in "${NET_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]} (no services started)"
+  policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    policy=/usr/sbin/policy-rc.d
+    trap 'rm -f "$policy"' EXIT
+  fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
