@@ -17,9 +17,17 @@
 //! reach that service: `proxied.b2p.test` (127.0.0.1 in the DNS, so only
 //! the host's proxy can reach it) pulls through tinyproxy, whose log shows
 //! the request, while `registry.b2p.test` in `NO_PROXY` does not go there.
+//!
+//! The manager's half, with the probe guest on real KVM: `b2p start` refuses
+//! a proxy value the command line cannot carry with one line, hands the
+//! settings to its VM process (which adds `b2p __proxy-cmdline`'s words to
+//! the guest's command line), and `--no-proxy-env` leaves them out.
 
-// Only part of the shared rig is used here.
-#![allow(dead_code)]
+// Only part of the shared rig is used here; both helper modules include
+// tests/common/require.rs (the skip rules).
+#![allow(dead_code, clippy::duplicate_mod)]
+
+mod common;
 
 #[path = "guest_image/mod.rs"]
 mod support;
@@ -482,4 +490,121 @@ fn guest_pulls_from_a_registry_on_the_hosts_loopback_through_passt_and_a_proxy()
     if std::env::var_os("B2P_KEEP_TEST_DIR").is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// The proxy variables of a running VM process (pid `pid`).
+fn proxy_environ(pid: u64) -> Vec<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    env.split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .filter(|v| v.to_ascii_lowercase().contains("_proxy="))
+        .collect()
+}
+
+#[test]
+fn b2p_start_hands_its_proxy_env_to_the_vm_and_no_proxy_env_leaves_it_out() {
+    let test = "b2p_start_hands_its_proxy_env_to_the_vm_and_no_proxy_env_leaves_it_out";
+    if let Err(reason) = common::kvm_usable() {
+        return common::skip(test, &reason);
+    }
+    if !have_tool("ssh-keygen") {
+        return common::skip(
+            test,
+            "ssh-keygen not installed (apt-get install openssh-client)",
+        );
+    }
+    let dir = common::TempDir::new("net-pull-proxy-env");
+    let kernel = common::probe_kernel(&dir).display().to_string();
+    let b2p = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_b2p"));
+        cmd.args(args).env("XDG_DATA_HOME", dir.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        for k in [
+            "HTTP_PROXY",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            if !env.iter().any(|(e, _)| e == &k) {
+                cmd.env_remove(k);
+            }
+        }
+        common::run_with_deadline(cmd, Duration::from_secs(60))
+    };
+    let ok = |args: &[&str], env: &[(&str, &str)]| {
+        let out = b2p(args, env);
+        assert!(
+            out.status.success() && !out.timed_out,
+            "b2p {args:?}: {}",
+            out.describe()
+        );
+        out.stdout
+    };
+    ok(
+        &[
+            "create",
+            "m",
+            "--network",
+            "none",
+            "--memory",
+            "128",
+            "--disk-size",
+            "64",
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "probe.hold_ms=120000",
+        ],
+        &[],
+    );
+    let pid = || -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", "m"], &[])).unwrap();
+        v["pid"].as_u64().expect("no pid while running")
+    };
+
+    // 1. A value the command line cannot carry: one line, nothing started.
+    let bad = [("HTTP_PROXY", "http://proxy corp:3128")];
+    let out = b2p(&["start", "m", "--no-wait"], &bad);
+    assert!(!out.status.success(), "{}", out.describe());
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", out.describe());
+    assert!(
+        lines[0].contains("HTTP_PROXY") && lines[0].contains("--no-proxy-env"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(ok(&["status", "m"], &[]).trim(), "Stopped");
+
+    // 2. --no-proxy-env: it starts, and its VM process has none of them.
+    let mut env = bad.to_vec();
+    env.push(("no_proxy", ".corp"));
+    ok(&["start", "m", "--no-wait", "--no-proxy-env"], &env);
+    let seen = proxy_environ(pid());
+    ok(&["stop", "m", "--timeout", "1"], &[]);
+    assert!(seen.is_empty(), "the VM process got {seen:?}");
+
+    // 3. By default the VM process keeps them (run_vm adds what
+    // `b2p __proxy-cmdline` prints for them to the guest's command line).
+    let env = [
+        ("https_proxy", "http://127.0.0.1:3128"),
+        ("NO_PROXY", ".corp,*.lan"),
+    ];
+    ok(&["start", "m", "--no-wait"], &env);
+    let mut seen = proxy_environ(pid());
+    ok(&["stop", "m", "--timeout", "1"], &[]);
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["NO_PROXY=.corp,*.lan", "https_proxy=http://127.0.0.1:3128"],
+        "the VM process's proxy settings"
+    );
+    let words = ok(&["__proxy-cmdline"], &env);
+    assert_eq!(
+        words.trim(),
+        "b2p.proxy.https=http://host.b2p.internal:3128 b2p.proxy.no=.corp,%2A.lan"
+    );
 }
