@@ -119,41 +119,64 @@ macro_rules! note {
     };
 }
 
+/// What became of one attempt to set the guest clock.
+#[derive(Debug, PartialEq, Eq)]
+enum Setting {
+    Set,
+    /// The guest's agent has no SetTime (an older image): never retried.
+    Unsupported,
+    Failed(String),
+}
+
 /// Sets the guest clock, retrying every second for up to `tries` seconds
-/// (the agent may not listen yet); whether it worked.
-fn set_with_retries(uds: &Path, tries: u32, why: &str) -> bool {
+/// (the agent may not listen yet); logs success and lack of support.
+fn set_with_retries(uds: &Path, tries: u32, why: &str) -> Setting {
     let mut last = String::new();
     for _ in 0..tries {
         match set_guest_time(uds) {
             Ok(off) => {
                 note!("{why}: guest clock set from the host's (it was {off:+.3} s off)");
-                return true;
+                return Setting::Set;
             }
-            // An agent without SetTime (an older image): nothing to retry.
             Err(SetTimeError::Call(ClientError::Remote { error, .. }))
-                if error.ends_with("MethodNotFound") =>
+                if error.ends_with("MethodNotFound") || error.ends_with("MethodNotImplemented") =>
             {
-                note!("{why}: the guest's agent has no SetTime ({error}): clock not set");
-                return false;
+                note!("the guest's agent has no SetTime ({error}): its clock is not kept");
+                return Setting::Unsupported;
             }
             Err(e) => last = e.to_string(),
         }
         std::thread::sleep(Duration::from_secs(1));
     }
-    note!("{why}: the guest clock was not set ({last})");
-    false
+    Setting::Failed(last)
 }
 
 /// The thread's body: the first setting once the agent answers (however
-/// long the boot takes), then one after every resume.
-fn run(uds: PathBuf) -> ! {
-    while !set_with_retries(&uds, 60, "boot") {}
+/// long the boot takes; the first failed minute is logged), then one after
+/// every resume. Ends when the agent has no SetTime.
+fn run(uds: PathBuf) {
+    let mut logged = false;
+    loop {
+        match set_with_retries(&uds, 60, "boot") {
+            Setting::Set => break,
+            Setting::Unsupported => return,
+            Setting::Failed(e) if !logged => {
+                note!("boot: no answer from the agent for a minute yet ({e}); still trying");
+                logged = true;
+            }
+            Setting::Failed(_) => {}
+        }
+    }
     let mut detector = ResumeDetector::new(HostClocks, RESUME_JUMP);
     loop {
         std::thread::sleep(POLL);
         if let Some(slept) = detector.poll() {
             let why = format!("host resumed after {:.1} s asleep", slept.as_secs_f64());
-            set_with_retries(&uds, 30, &why);
+            match set_with_retries(&uds, 30, &why) {
+                Setting::Set => {}
+                Setting::Unsupported => return,
+                Setting::Failed(e) => note!("{why}: the guest clock was not set ({e})"),
+            }
         }
     }
 }
@@ -255,6 +278,38 @@ mod tests {
         let mut d = ResumeDetector::new(HostClocks, RESUME_JUMP);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(d.poll(), None);
+    }
+
+    #[test]
+    fn an_agent_without_settime_is_not_asked_again() {
+        let dir = std::env::temp_dir().join(format!("b2p-clock-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("vsock.sock");
+        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
+        let t = std::thread::spawn(move || {
+            use std::io::{BufRead, BufReader, Write};
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            (&s).write_all(b"OK 1024\n").unwrap();
+            let mut call = Vec::new();
+            r.read_until(0, &mut call).unwrap();
+            (&s).write_all(b"{\"error\":\"org.varlink.service.MethodNotFound\",\"parameters\":{\"method\":\"SetTime\"}}\0")
+                .unwrap();
+        });
+        let begin = std::time::Instant::now();
+        assert_eq!(set_with_retries(&uds, 30, "test"), Setting::Unsupported);
+        assert!(begin.elapsed() < Duration::from_secs(5));
+        t.join().unwrap();
+        // Nothing listens any more: each try fails, bounded by `tries`.
+        drop(std::fs::remove_file(&uds));
+        assert!(matches!(
+            set_with_retries(&uds, 2, "test"),
+            Setting::Failed(_)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
