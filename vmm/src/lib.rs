@@ -62,5 +62,11 @@ pub use vm::{StopHandle, Timings, Vm, VmExit};
 /// early as possible in `main` so timings count from process start.
 pub use b2p_devices::legacy::boot_timer::monotonic_ns;
 
+/// The locks every VM of a disk image holds (QEMU's OFD byte-range
+/// locks): the manager's `set` takes them before it grows a disk.
+pub mod disk_lock {
+    pub use b2p_devices::virtio::block::lock::{lock_image, LockError};
+}
+
 /// Guest memory type used throughout.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
