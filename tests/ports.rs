@@ -23,13 +23,13 @@ mod vsock;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
-use vsock::VsockGuest;
+use vsock::{hybrid_proxy, VsockGuest};
 
 struct Kill(Child);
 impl Drop for Kill {
@@ -37,42 +37,6 @@ impl Drop for Kill {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// A Unix socket at `listen` whose connections are joined to guest vsock
-/// `port` through the hybrid socket `uds` (for `podman --remote`).
-fn hybrid_proxy(listen: &Path, uds: PathBuf, port: u32) {
-    let l = UnixListener::bind(listen).expect("binding the podman proxy socket");
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let uds = uds.clone();
-            std::thread::spawn(move || {
-                let Ok(mut g) = UnixStream::connect(&uds) else {
-                    return;
-                };
-                if g.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {
-                    return;
-                }
-                let mut byte = [0u8; 1];
-                let mut line = Vec::new();
-                while g.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-                    line.push(byte[0]);
-                }
-                if !line.starts_with(b"OK ") {
-                    return;
-                }
-                let (mut c2, mut g2) = (c.try_clone().unwrap(), g.try_clone().unwrap());
-                let up = std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c2, &mut g2);
-                    let _ = g2.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut c3, mut g3) = (c, g);
-                let _ = std::io::copy(&mut g3, &mut c3);
-                let _ = c3.shutdown(std::net::Shutdown::Both);
-                let _ = up.join();
-            });
-        }
-    });
 }
 
 /// GET `path` from 127.0.0.1:`port`: the body, or why not.

@@ -25,6 +25,43 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// A Unix socket at `listen` whose connections are joined to guest vsock
+/// `port` through the hybrid socket `uds` (for `podman --remote`).
+#[allow(dead_code)]
+pub fn hybrid_proxy(listen: &Path, uds: PathBuf, port: u32) {
+    let l = std::os::unix::net::UnixListener::bind(listen).expect("binding the proxy socket");
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let uds = uds.clone();
+            std::thread::spawn(move || {
+                let Ok(mut g) = UnixStream::connect(&uds) else {
+                    return;
+                };
+                if g.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {
+                    return;
+                }
+                let mut byte = [0u8; 1];
+                let mut line = Vec::new();
+                while g.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                if !line.starts_with(b"OK ") {
+                    return;
+                }
+                let (mut c2, mut g2) = (c.try_clone().unwrap(), g.try_clone().unwrap());
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut g2);
+                    let _ = g2.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut c3, mut g3) = (c, g);
+                let _ = std::io::copy(&mut g3, &mut c3);
+                let _ = c3.shutdown(std::net::Shutdown::Both);
+                let _ = up.join();
+            });
+        }
+    });
+}
+
 /// One running guest; QEMU and the vsock backend are killed on drop.
 pub struct VsockGuest {
     qemu: Child,
