@@ -41,7 +41,12 @@ impl Drop for Kill {
 
 /// GET `path` from 127.0.0.1:`port`: the body, or why not.
 fn http_get(port: u16, path: &str) -> Result<Vec<u8>, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// GET `path` from `ip`:`port`.
+fn http_get_at(ip: &str, port: u16, path: &str) -> Result<Vec<u8>, String> {
+    let mut s = TcpStream::connect((ip, port)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(20))).ok();
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .map_err(|e| e.to_string())?;
@@ -255,6 +260,11 @@ fn published_ports_reach_the_hosts_loopback_under_qemu_tcg() {
 
     // 2. Two more: 8081 works; 8082 is taken on the host (one log line).
     httpd("web2", "8081:80", "page-8081");
+    let listening2 = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&state)
+            .unwrap_or_default()
+            .contains("127.0.0.1:8081")
+    });
     httpd("web3", "8082:80", "page-8082");
     let up2 = wait_until(Duration::from_secs(30), || {
         page(8081).as_deref() == Some("page-8081")
@@ -293,6 +303,34 @@ fn published_ports_reach_the_hosts_loopback_under_qemu_tcg() {
     assert!(entry["error"].is_string(), "{st}");
     assert!(st["ports"].to_string().contains("127.0.0.1:8081"), "{st}");
     drop(taken);
+
+    // A loopback HOSTIP: `-p 127.0.0.2:8083:80` is the host's 127.0.0.2
+    // alone (src/ports.rs bind_addrs).
+    httpd("web4", "127.0.0.2:8083:80", "page-8083");
+    let listening4 = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&state)
+            .unwrap_or_default()
+            .contains("127.0.0.2:8083")
+    });
+    let up4 = wait_until(Duration::from_secs(30), || {
+        http_get_at("127.0.0.2", 8083, "/")
+            .is_ok_and(|b| String::from_utf8_lossy(&b).trim() == "page-8083")
+    });
+    assert!(
+        up4.is_some(),
+        "127.0.0.2:8083 never answered: {:?}; ports.json: {}",
+        http_get_at("127.0.0.2", 8083, "/"),
+        std::fs::read_to_string(&state).unwrap_or_default()
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", 8083)).is_err(),
+        "127.0.0.1:8083 answers for a container published on 127.0.0.2"
+    );
+    eprintln!(
+        "MEASURE: the host listened on 127.0.0.1:8081 {:?} and 127.0.0.2:8083 {:?} after run -d returned",
+        listening2.map(|d| d.as_secs_f64()),
+        listening4.map(|d| d.as_secs_f64())
+    );
 
     // Throughput: 16 MiB through the forward.
     let t = Instant::now();
