@@ -13,6 +13,8 @@
 //!   instead of requests that never complete.
 
 pub mod device;
+#[cfg(test)]
+mod device_tests;
 pub mod fallback;
 pub mod frontend;
 
