@@ -9,6 +9,11 @@
 //! `b2p __set-guest-time` sends the host's CLOCK_REALTIME to
 //! io.b2p.Machine.SetTime. The guest clock is read over ssh (`date
 //! +%s.%N`, ten samples stamped with the host's clock on arrival).
+//!
+//! On this machine's real KVM, with the probe guest as a machine's kernel:
+//! the VM process of `b2p start` runs the thread `b2p-clock` under a seccomp
+//! filter, and it lives through its retries (the probe has no agent)
+//! without a forbidden system call.
 
 #![allow(dead_code)]
 
@@ -225,4 +230,97 @@ fn the_guest_clock_is_the_hosts_again_after_a_30_s_stop_under_qemu_tcg() {
     );
     let _ = g.wait_exit(Duration::from_secs(120));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The threads of `pid` whose name is `name`: their Seccomp mode field.
+fn seccomp_of_threads(pid: u32, name: &str) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .map(|v| v.trim().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_vm_process_keeps_its_clock_thread_under_a_filter() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return skip(&format!("clock_thread: /dev/kvm cannot be opened: {e}"));
+    }
+    if !have_tool("ssh-keygen") {
+        return skip("clock_thread: ssh-keygen not installed");
+    }
+    let home = tempfile_dir("b2p-clock-thread");
+    let kernel = home.join("probe.bzImage");
+    std::fs::copy(b2p_probe::BZIMAGE, &kernel).unwrap();
+    let b2p = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_b2p"))
+            .args(args)
+            .env("XDG_DATA_HOME", &home)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running b2p");
+        let text = format!(
+            "b2p {args:?}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            text,
+        )
+    };
+    let out = b2p(&[
+        "create",
+        "clk",
+        "--network",
+        "none",
+        "--memory",
+        "128",
+        "--cpus",
+        "1",
+        "--disk-size",
+        "64",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "probe.hold_ms=60000",
+    ]);
+    assert_eq!(out.0, Some(0), "{}", out.2);
+    let out = b2p(&["start", "clk", "--no-wait"]);
+    assert_eq!(out.0, Some(0), "{}", out.2);
+    let dir = home.join("b2p/machines/clk");
+    let inspect: serde_json::Value = serde_json::from_str(&b2p(&["inspect", "clk"]).1).unwrap();
+    let pid = inspect["pid"].as_u64().expect("no pid while running") as u32;
+    // The thread is there, filtered (mode 2), and still there after it
+    // has tried the agent a few times (one try a second).
+    let begin = Instant::now();
+    let mut modes = seccomp_of_threads(pid, "b2p-clock");
+    while modes.is_empty() && begin.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+        modes = seccomp_of_threads(pid, "b2p-clock");
+    }
+    assert_eq!(modes, ["2"], "the b2p-clock thread's Seccomp field");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(b2p(&["status", "clk"]).1.trim(), "Running");
+    assert_eq!(seccomp_of_threads(pid, "b2p-clock"), ["2"]);
+    let out = b2p(&["stop", "clk", "--timeout", "1"]);
+    assert_eq!(out.0, Some(0), "{}", out.2);
+    let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+    assert!(!log.contains("forbidden system call"), "vmm.log:\n{log}");
+    let _ = std::fs::remove_dir_all(&home);
 }
