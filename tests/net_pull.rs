@@ -449,7 +449,10 @@ fn guest_pulls_from_a_registry_on_the_hosts_loopback_through_passt_and_a_proxy()
     );
 
     // 5. Through the proxy: only tinyproxy (resolving through the test's
-    // DNS on the host) reaches proxied.b2p.test.
+    // DNS on the host) reaches proxied.b2p.test. The image goes first, so
+    // that its layer comes through the proxy too.
+    let (ok, out) = ssh(&g, &format!("{remote} rmi {image}"), 300);
+    assert!(ok, "{}", what(&g, &format!("rmi {image}: {out}")));
     let proxied = format!("proxied.b2p.test:{reg_port}/b2p/busybox:pulled");
     let t = Instant::now();
     let (ok, out) = ssh(
@@ -465,6 +468,12 @@ fn guest_pulls_from_a_registry_on_the_hosts_loopback_through_passt_and_a_proxy()
             .any(|l| l.contains("proxied.b2p.test") && l.contains("/v2/")),
         "{}",
         what(&g, "tinyproxy's log shows no request for proxied.b2p.test")
+    );
+    assert!(
+        plog.lines()
+            .any(|l| l.contains("proxied.b2p.test") && l.contains("/blobs/sha256:")),
+        "{}",
+        what(&g, "the layer did not come through tinyproxy")
     );
     let (ok, out) = ssh(
         &g,
