@@ -37,7 +37,13 @@ pub const NAMES: [&str; 6] = [
 pub enum ProxyError {
     #[error("{var} holds {what}, which cannot go on the guest's kernel command line; fix it, or start with --no-proxy-env")]
     Refused { var: &'static str, what: String },
+    #[error("the proxy settings take {0} bytes of the guest's kernel command line, more than {MAX_LEN}; shorten NO_PROXY, or start with --no-proxy-env")]
+    TooLong(usize),
 }
+
+/// The most the proxy words may take of the guest's kernel command line
+/// (Linux's x86 limit is 2048 bytes for all of it).
+pub const MAX_LEN: usize = 1024;
 
 /// The command line words for the proxy settings `lookup` finds (a
 /// leading space before each; empty when none is set).
@@ -58,6 +64,9 @@ pub fn kernel_args(lookup: impl Fn(&str) -> Option<String>) -> Result<String, Pr
             to_guest(&value)
         };
         out.push_str(&format!(" {key}={}", escape(&value)));
+    }
+    if out.len() > MAX_LEN {
+        return Err(ProxyError::TooLong(out.len()));
     }
     Ok(out)
 }
@@ -209,5 +218,14 @@ mod tests {
             assert_eq!(line.lines().count(), 1, "{line}");
         }
         assert!(args(&[("no_proxy", "a, b")]).is_err());
+    }
+
+    #[test]
+    fn a_no_proxy_list_too_long_for_the_command_line_is_refused() {
+        let hosts: Vec<String> = (0..60).map(|i| format!("host{i}.example.corp")).collect();
+        let e = args(&[("NO_PROXY", &hosts.join(","))]).unwrap_err();
+        assert!(matches!(e, ProxyError::TooLong(n) if n > MAX_LEN), "{e}");
+        assert!(e.to_string().contains("NO_PROXY"), "{e}");
+        assert!(args(&[("NO_PROXY", &hosts[..10].join(","))]).is_ok());
     }
 }
