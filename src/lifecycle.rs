@@ -14,10 +14,12 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 use b2p_vmm::config::DEFAULT_CMDLINE;
 use b2p_vmm::signals::StopSignals;
-use b2p_vmm::{image, Console, DiskConfig, NetConfig, Vm, VmConfig, VsockConfig};
+use b2p_vmm::{
+    image, Console, DiskConfig, FsBackend, FsConfig, NetConfig, Vm, VmConfig, VsockConfig,
+};
 
 use crate::machine::{
-    create_private_dir, private_file, Machine, MachineConfig, Network, State, RUN_VM,
+    create_private_dir, private_file, Machine, MachineConfig, Network, State, Volume, RUN_VM,
 };
 use crate::userdata;
 use crate::varlink;
@@ -57,6 +59,80 @@ pub struct CreateOptions {
     /// Default gateway for eth0
     #[arg(long, value_name = "ADDR", requires = "ip")]
     pub gateway: Option<String>,
+    /// A host folder in the guest over virtio-fs (repeatable): HOST at GUEST
+    /// (default: the same path), read-only with :ro; `none` for no folder
+    /// [default: your home folder at the same path, as podman machine does,
+    /// when it is a folder and virtiofsd is installed]
+    #[arg(long = "volume", value_name = "HOST[:GUEST][:ro]|none")]
+    pub volumes: Vec<String>,
+}
+
+/// `HOST[:GUEST][:ro]`: absolute paths (HOST must be a folder), no `:` in
+/// them, nothing the kernel command line would split (whitespace).
+pub fn parse_volume(s: &str) -> Result<Volume> {
+    let (rest, read_only) = match s.strip_suffix(":ro") {
+        Some(r) => (r, true),
+        None => (s, false),
+    };
+    let (host, guest) = match rest.split_once(':') {
+        Some((h, g)) => (h, g),
+        None => (rest, rest),
+    };
+    if guest.contains(':') {
+        bail!("--volume {s:?}: expected HOST[:GUEST][:ro] (a path may not contain ':')");
+    }
+    for p in [host, guest] {
+        if !p.starts_with('/') {
+            bail!("--volume {s:?}: {p:?} is not an absolute path");
+        }
+        if p.chars().any(char::is_whitespace) {
+            bail!("--volume {s:?}: a path may not contain whitespace");
+        }
+    }
+    let host = std::fs::canonicalize(host).with_context(|| format!("--volume {s:?}: {host}"))?;
+    if !host.is_dir() {
+        bail!("--volume {s:?}: {} is not a folder", host.display());
+    }
+    Ok(Volume {
+        host,
+        guest: PathBuf::from(guest),
+        read_only,
+    })
+}
+
+/// The folders a new machine mounts: the `--volume`s, `none`, or by
+/// default the home folder.
+fn volumes(given: &[String]) -> Result<Vec<Volume>> {
+    if given.iter().any(|v| v == "none") {
+        if given.len() > 1 {
+            bail!("--volume none goes alone");
+        }
+        return Ok(Vec::new());
+    }
+    if given.is_empty() {
+        // The default is a convenience, never a reason to fail: no home
+        // folder (a system user's /nonexistent), one the command line cannot
+        // carry, or no virtiofsd to serve it means no folder.
+        let home = std::env::var_os("HOME").map(|h| h.to_string_lossy().into_owned());
+        return Ok(home
+            .and_then(|h| parse_volume(&h).ok())
+            .filter(|_| b2p_vmm::virtiofsd::find_virtiofsd().is_some())
+            .into_iter()
+            .collect());
+    }
+    let vols = given
+        .iter()
+        .map(|v| parse_volume(v))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, v) in vols.iter().enumerate() {
+        if vols[..i].iter().any(|w| w.guest == v.guest) {
+            bail!(
+                "--volume: {} is given twice as a guest path",
+                v.guest.display()
+            );
+        }
+    }
+    Ok(vols)
 }
 
 /// The guest's vsock CID; each machine has its own host-side socket, so
@@ -85,6 +161,13 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
             b2p_vmm::passt::PasstError::NotInstalled
         );
     }
+    let volumes = volumes(&opts.volumes)?;
+    if !volumes.is_empty() && b2p_vmm::virtiofsd::find_virtiofsd().is_none() {
+        bail!(
+            "{} (or create the machine with --volume none)",
+            b2p_vmm::virtiofsd::VirtiofsdError::NotInstalled
+        );
+    }
     let config = MachineConfig {
         name: m.name.clone(),
         memory_mib: opts.memory_mib,
@@ -97,6 +180,7 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
         tap: opts.tap,
         ip: opts.ip,
         gateway: opts.gateway,
+        volumes,
         created: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -222,11 +306,26 @@ pub fn vm_config(m: &Machine, c: &MachineConfig, resolve_image: bool) -> Result<
         // passt answers DHCP with the host's address, gateway and DNS.
         cmdline.push_str(" b2p.ip=dhcp");
     }
+    // Each folder is tag volN, mounted by the init (b2p.fs=volN:GUEST[:ro]).
+    let mut fs = Vec::with_capacity(c.volumes.len());
+    for (i, vol) in c.volumes.iter().enumerate() {
+        let tag = format!("vol{i}");
+        let ro = if vol.read_only { ":ro" } else { "" };
+        cmdline.push_str(&format!(" b2p.fs={tag}:{}{ro}", vol.guest.display()));
+        fs.push(FsConfig {
+            tag,
+            backend: FsBackend::Folder {
+                path: vol.host.clone(),
+                read_only: vol.read_only,
+            },
+        });
+    }
     if !c.cmdline.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&c.cmdline);
     }
     let mut v = VmConfig::new(kernel);
+    v.fs = fs;
     v.initrd = initrd;
     v.cmdline = cmdline;
     v.memory_mib = c.memory_mib;
@@ -713,8 +812,72 @@ mod tests {
             tap: tap.map(String::from),
             ip: None,
             gateway: None,
+            volumes: Vec::new(),
             created: 0,
         }
+    }
+
+    #[test]
+    fn volumes_become_fs_devices_and_mount_words() {
+        let m = scratch("volumes");
+        let mut c = config_with(Some(Network::None), None);
+        c.volumes = vec![
+            Volume {
+                host: "/srv/a,b".into(),
+                guest: "/a".into(),
+                read_only: false,
+            },
+            Volume {
+                host: "/srv/c".into(),
+                guest: "/srv/c".into(),
+                read_only: true,
+            },
+        ];
+        let v = vm_config(&m, &c, false).unwrap();
+        assert_eq!(v.fs.len(), 2);
+        assert_eq!(v.fs[1].tag, "vol1");
+        assert_eq!(
+            v.fs[1].backend,
+            FsBackend::Folder {
+                path: "/srv/c".into(),
+                read_only: true
+            }
+        );
+        assert!(
+            v.cmdline.contains(" b2p.fs=vol0:/a b2p.fs=vol1:/srv/c:ro"),
+            "{}",
+            v.cmdline
+        );
+    }
+
+    #[test]
+    fn volume_syntax() {
+        let tmp = std::env::temp_dir();
+        let t = tmp.display().to_string();
+        let canon = std::fs::canonicalize(&tmp).unwrap();
+        let v = parse_volume(&t).unwrap();
+        assert_eq!(
+            (v.host.clone(), v.guest, v.read_only),
+            (canon.clone(), tmp.clone(), false)
+        );
+        let v = parse_volume(&format!("{t}:/data:ro")).unwrap();
+        assert_eq!(
+            (v.host, v.guest, v.read_only),
+            (canon, "/data".into(), true)
+        );
+        for bad in [
+            "rel",
+            "/nonexistent-b2p-dir",
+            "/etc/hostname",
+            "/a:/b:/c",
+            "/tmp:rel",
+            "/tmp:/x y",
+        ] {
+            assert!(parse_volume(bad).is_err(), "{bad}");
+        }
+        assert!(volumes(&["none".into()]).unwrap().is_empty());
+        assert!(volumes(&["none".into(), t.clone()]).is_err());
+        assert!(volumes(&[t.clone(), format!("{t}:{t}")]).is_err());
     }
 
     #[test]

@@ -361,3 +361,147 @@ fn bad_fs_options_are_one_line_each() {
         );
     }
 }
+
+/// `b2p ARGS` with its machines under `dir`.
+fn b2p(dir: &TempDir, args: &[&str]) -> Outcome {
+    b2p_home(dir, args, None)
+}
+
+/// [`b2p`] with HOME set to `home`.
+fn b2p_home(dir: &TempDir, args: &[&str], home: Option<&Path>) -> Outcome {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_b2p"));
+    cmd.args(args).env("XDG_DATA_HOME", dir.path());
+    if let Some(h) = home {
+        cmd.env("HOME", h);
+    }
+    run_with_deadline(cmd, LIMIT)
+}
+
+#[test]
+fn manager_volumes_reach_the_guest() {
+    let Some(_) = setup("manager_volumes_reach_the_guest") else {
+        return;
+    };
+    if which("ssh-keygen").is_none() {
+        return skip("manager_volumes_reach_the_guest", "ssh-keygen not found");
+    }
+    let dir = TempDir::new("virtio-fs-manager");
+    let share = shared_folder(&dir, "share", 9);
+    let kernel = probe_kernel(&dir).display().to_string();
+    let vol = format!("{}:/data:ro", share.display());
+    let cmdline = "probe.nosmp=1 probe.fs_read=in.bin probe.fs_seed=9 probe.fs_write=x.bin \
+                   probe.fs_expect_error=30 probe.hold_ms=60000";
+    let base = [
+        "--memory",
+        "128",
+        "--cpus",
+        "1",
+        "--disk-size",
+        "64",
+        "--kernel",
+        &kernel,
+        "--network",
+        "none",
+    ];
+    let mut args = vec!["create", "fsm"];
+    args.extend(base);
+    args.extend(["--volume", &vol, "--cmdline", cmdline]);
+    let out = b2p(&dir, &args);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    let inspect: serde_json::Value =
+        serde_json::from_str(&b2p(&dir, &["inspect", "fsm"]).stdout).unwrap();
+    let v = &inspect["config"]["volumes"][0];
+    assert_eq!(v["guest"], "/data", "{inspect}");
+    assert_eq!(v["read_only"], true, "{inspect}");
+    assert_eq!(
+        v["host"].as_str().map(PathBuf::from),
+        Some(std::fs::canonicalize(&share).unwrap())
+    );
+    // The probe has no agent: start says so after 2 s and leaves it running.
+    let out = b2p(&dir, &["start", "fsm", "--timeout", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.describe());
+    let console = dir.path().join("b2p/machines/fsm/console.log");
+    let start = Instant::now();
+    let text = loop {
+        let t = std::fs::read_to_string(&console).unwrap_or_default();
+        if t.contains("probe: holding") {
+            break t;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "the probe never got to its hold\n{t}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = b2p(&dir, &["stop", "fsm", "--timeout", "1"]);
+    assert!(text.contains("b2p.fs=vol0:/data:ro"), "{text}");
+    assert!(text.contains("probe: fs0 tag \"vol0\""), "{text}");
+    assert!(
+        text.contains("probe: fs0 read in.bin: 4096 bytes match (seed 9)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("create x.bin refused with error -30"),
+        "{text}"
+    );
+    assert!(text.contains("probe: PASS"), "{text}");
+    assert!(!share.join("x.bin").exists());
+
+    // --volume none: no folder; bad volumes: one error line each.
+    let mut args = vec!["create", "nofs"];
+    args.extend(base);
+    args.extend(["--volume", "none"]);
+    assert_eq!(b2p(&dir, &args).status.code(), Some(0));
+    let inspect: serde_json::Value =
+        serde_json::from_str(&b2p(&dir, &["inspect", "nofs"]).stdout).unwrap();
+    assert!(inspect["config"].get("volumes").is_none(), "{inspect}");
+    // By default: the home folder at the same path; none when HOME is no folder.
+    for (name, home, want) in [
+        (
+            "homefs",
+            share.clone(),
+            Some(std::fs::canonicalize(&share).unwrap()),
+        ),
+        ("nohome", dir.join("no-such-home"), None),
+    ] {
+        let mut args = vec!["create", name];
+        args.extend(base);
+        let out = b2p_home(&dir, &args, Some(&home));
+        assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+        let inspect: serde_json::Value =
+            serde_json::from_str(&b2p(&dir, &["inspect", name]).stdout).unwrap();
+        let host = inspect["config"]["volumes"][0]["host"]
+            .as_str()
+            .map(PathBuf::from);
+        assert_eq!(host, want, "{inspect}");
+        if want.is_some() {
+            assert_eq!(
+                inspect["config"]["volumes"][0]["guest"]
+                    .as_str()
+                    .map(PathBuf::from),
+                Some(home)
+            );
+        }
+    }
+    let missing = dir.join("missing").display().to_string();
+    let colon = format!("{}:/a:/b", share.display());
+    for (vol, want) in [
+        (missing.as_str(), "missing"),
+        (colon.as_str(), "may not contain ':'"),
+        ("relative", "not an absolute path"),
+    ] {
+        let mut args = vec!["create", "bad"];
+        args.extend(base);
+        args.extend(["--volume", vol]);
+        let out = b2p(&dir, &args);
+        let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.is_empty()).collect();
+        assert!(
+            out.status.code().is_some_and(|c| c != 0),
+            "{}",
+            out.describe()
+        );
+        assert_eq!(lines.len(), 1, "{}", out.describe());
+        assert!(lines[0].contains(want), "{}", out.describe());
+        assert!(!dir.path().join("b2p/machines/bad").exists());
+    }
+}
