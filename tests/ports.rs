@@ -8,8 +8,9 @@
 //! host listening soon after `podman run -d` returns (3 s bound under TCG,
 //! the page within 5 s), two ports at once, a host
 //! port already taken (one log line, shown in ports.json, the others still
-//! work), refusal within 1 s of `podman stop` returning; a throughput figure
-//! through the forward is printed.
+//! work), a loopback HOSTIP (`-p 127.0.0.2:8083:80` answers on the host's
+//! 127.0.0.2, not on 127.0.0.1), refusal within 1 s of `podman stop`
+//! returning; a throughput figure through the forward is printed.
 
 // Only part of the shared rig is used here.
 #![allow(dead_code)]
