@@ -288,3 +288,24 @@ fn anonymous_memory_is_refused_and_requests_fail() {
     let (len, err, uniq) = request(&mut d, &mut em, 26, 2, 0, &[0u8; 16], 64);
     assert_eq!((len, err, uniq), (OUT_HEADER_LEN as u32, -libc::EIO, 2));
 }
+
+#[test]
+fn a_backend_that_hangs_up_or_talks_nonsense_is_an_error_not_a_hang() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    drop(theirs);
+    let t = Instant::now();
+    assert!(Fs::new("t", ours).is_err());
+    // Garbage instead of a GET_FEATURES reply.
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    let talker = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut b = [0u8; 12];
+        // SET_OWNER, then GET_FEATURES: answer the second with junk.
+        let _ = theirs.read_exact(&mut b);
+        let _ = theirs.read_exact(&mut b);
+        let _ = theirs.write_all(&[0xff; 20]);
+    });
+    assert!(Fs::new("t", ours).is_err());
+    talker.join().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+}

@@ -3,8 +3,8 @@
 //! (owner, features, protocol features); [`Session::start`] hands the
 //! backend the memory table and the vrings once the driver set DRIVER_OK.
 //! The socket carries a send and a receive timeout, so a backend that
-//! stops answering costs at most [`REPLY_TIMEOUT`] per message, never a
-//! hung monitor.
+//! stops answering costs at most [`REPLY_TIMEOUT`] per message
+//! ([`HANDSHAKE_TIMEOUT`] during the handshake), never a hung monitor.
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -24,6 +24,9 @@ use crate::GuestMemoryMmap;
 
 /// The longest the monitor waits for one reply of the backend.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The same during the handshake, when a virtiofsd just started may still
+/// be setting itself up (its sandbox) on a loaded host.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: a vhost-user bit, never offered to the guest.
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
@@ -83,8 +86,10 @@ impl Session {
     /// Takes a connected socket, sets its timeouts and runs the handshake:
     /// SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM.
     pub fn new(sock: UnixStream) -> Result<Self, FrontendError> {
-        sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
-        sock.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        // The same socket, to shorten the timeouts once the handshake is done.
+        let ours = sock.try_clone()?;
         let fd = sock.as_raw_fd();
         let mut frontend = Frontend::from_stream(sock, NUM_QUEUES as u64);
         frontend.set_owner().map_err(step("SET_OWNER"))?;
@@ -110,6 +115,8 @@ impl Session {
                 }
             }
         }
+        ours.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        ours.set_write_timeout(Some(REPLY_TIMEOUT))?;
         Ok(Session {
             frontend,
             fd,
