@@ -138,6 +138,21 @@ fn request(
     (used[0].len, err, uniq)
 }
 
+/// The interrupt the device relayed for a reply. virtiofsd fills the used
+/// ring before it signals its call eventfd, so the reply can be seen a
+/// moment before the event loop has relayed the signal: run it until the
+/// interrupt shows (5 s at most).
+fn wait_interrupt(d: &mut TestDriver, em: &mut Em) -> u32 {
+    let t = Instant::now();
+    loop {
+        let st = d.take_interrupt();
+        if st != 0 || t.elapsed() > Duration::from_secs(5) {
+            return st;
+        }
+        em.run_with_timeout(10).unwrap();
+    }
+}
+
 fn setup(mem: GuestMemoryMmap, stream: UnixStream) -> (TestDriver, Em, Arc<Mutex<Fs>>) {
     let fs = Arc::new(Mutex::new(Fs::new("test", stream).unwrap()));
     let t = MmioTransport::new(mem.clone(), fs.clone()).unwrap();
@@ -172,7 +187,11 @@ fn real_virtiofsd_then_its_death() {
     let (len, err, uniq) = request(&mut d, &mut em, 26, 2, 0, &init, 64);
     assert_eq!((err, uniq), (0, 2));
     assert!(len > OUT_HEADER_LEN as u32);
-    assert_ne!(d.take_interrupt(), 0, "the call eventfd was not relayed");
+    assert_ne!(
+        wait_interrupt(&mut d, &mut em),
+        0,
+        "the call eventfd was not relayed"
+    );
     // LOOKUP of a file that is there, and of one that is not.
     let (_, err, uniq) = request(&mut d, &mut em, 1, 4, 1, b"hello.txt\0", 128);
     assert_eq!((err, uniq), (0, 4));
