@@ -50,7 +50,7 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Kernel: bzImage (64-bit) or ELF vmlinux [default: the guest image's vmlinuz64]
+    /// Kernel: bzImage (64-bit) or ELF vmlinux [default: the guest image's vmlinux when it ships one, else its vmlinuz64]
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk [default when --kernel is not given: the guest image's boot2podman.lz4, else boot2podman.gz]
