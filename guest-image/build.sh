@@ -4,7 +4,7 @@
 #   guest-image/build.sh [--force] [--update] [--out DIR] [--verify-reproducible]
 #
 # Outputs go to $B2P_CACHE/image (B2P_CACHE defaults to ~/.cache/b2p); the
-# Debian bookworm .debs are kept in $B2P_CACHE/debs together with the resolved
+# Debian trixie .debs are kept in $B2P_CACHE/debs together with the resolved
 # set (debs/SET). A build with unchanged inputs (.deb set, recipe files under
 # guest-image/ except agent/, agent binary) does nothing. Same .debs, same bytes.
 #
@@ -26,9 +26,9 @@ DEBS=$CACHE/debs
 OUT=$CACHE/image
 MIRROR=${B2P_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECMIRROR=${B2P_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
-SUITE=bookworm
-# Fixed timestamp for every file in the outputs (2023-06-10, bookworm's release).
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1686355200}
+SUITE=trixie
+# Fixed timestamp for every file in the outputs (2025-08-09, trixie's release).
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1754697600}
 GZIP_LEVEL=${B2P_GZIP_LEVEL:-9}
 FORCE=0 UPDATE=0 VERIFY=0
 while (($#)); do
@@ -84,7 +84,7 @@ trap 'rm -rf "$WORK"' EXIT
 mapfile -t PKGS < <(sed -e 's/#.*//' -e '/^\s*$/d' "$HERE/packages.list")
 
 # ---------------------------------------------------------------- resolve
-# Resolves the package set with a private apt (empty dpkg status, bookworm +
+# Resolves the package set with a private apt (empty dpkg status, trixie +
 # updates + security) and downloads it into $DEBS. Only on the first build or
 # with --update; later builds reuse debs/SET offline.
 resolve() {
@@ -208,6 +208,8 @@ nice mmdebstrap --variant=essential --include="$INC" --mode=root \
   --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
   --dpkgopt='path-exclude=/usr/share/lintian/*' --dpkgopt='path-exclude=/usr/share/zsh/*' \
   --dpkgopt='path-exclude=/usr/share/bash-completion/*' --dpkgopt='path-exclude=/usr/share/fish/*' \
+  --dpkgopt='path-exclude=/usr/libexec/podman/podman-testing' --dpkgopt='path-exclude=/usr/lib/x86_64-linux-gnu/*.a' \
+  --dpkgopt='path-exclude=/usr/libexec/podman/quadlet' --dpkgopt='path-exclude=/usr/lib/systemd/*' \
   $SUITE "$RFS" "deb [trusted=yes] copy://$REPO ./" 2>&1 | sed -u 's/^/    /'
 [ -x "$RFS/usr/bin/podman" ] || die "mmdebstrap did not install podman"
 
@@ -216,13 +218,15 @@ KDEB=$(awk '{print $1}' "$DEBS/SET" | grep -E '^linux-image-[0-9].*-cloud-amd64_
 [ -n "$KDEB" ] || die "no linux-image deb in SET"
 mkdir -p "$WORK/kernel"
 dpkg-deb -x "$DEBS/$KDEB" "$WORK/kernel"
-KVER=$(ls "$WORK/kernel/lib/modules" | sed -n 1p)
+# trixie's kernel packages ship their modules under usr/lib (merged /usr).
+KM=$WORK/kernel/usr/lib/modules; [ -d "$KM" ] || KM=$WORK/kernel/lib/modules
+KVER=$(ls "$KM" | sed -n 1p)
 info "kernel $KVER"
 mkdir -p "$WORK/out"
 cp "$WORK/kernel/boot/vmlinuz-$KVER" "$WORK/out/vmlinuz64"
 MD=$RFS/lib/modules/$KVER
 rm -rf "$RFS/lib/modules"; mkdir -p "$RFS/lib/modules"
-cp -a "$WORK/kernel/lib/modules/$KVER" "$MD"
+cp -a "$KM/$KVER" "$MD"
 chroot "$RFS" depmod "$KVER"
 : >"$WORK/keep"
 while read -r m; do
