@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages that guest-image/build.sh, its tests
-# (tests/guest_image*.rs) and guest-image/measure.py need. Idempotent.
+# (tests/guest_image*.rs), guest-image/kernel/build.sh and guest-image/measure.py
+# need. Idempotent.
 set -euo pipefail
 PKGS=(
   mmdebstrap debian-archive-keyring apt dpkg   # build: resolve, download, install trixie debs
@@ -8,6 +9,7 @@ PKGS=(
   qemu-system-x86                              # tests: -M microvm -accel tcg boots
   e2fsprogs fdisk util-linux                   # tests: mkfs.ext4, sfdisk, blkid, unshare
   zstd python3                                 # measure.py unpack comparison
+  gcc make bc bison flex libelf-dev xz-utils   # kernel/build.sh: build linux-source-6.12
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -252,6 +252,9 @@ pub fn vm_config(m: &Machine, c: &MachineConfig, resolve_image: bool) -> Result<
         (PODMAN_PORT, m.podman_socket_path()),
     ];
     v.virtio_rng = true;
+    // The guest gives the memory its containers freed back (free page
+    // reporting).
+    v.balloon = true;
     Ok(v)
 }
 

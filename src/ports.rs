@@ -7,19 +7,25 @@
 //! both ways, end of file passed on as a half-close). A host port already
 //! taken is one log line (and an `error` in ports.json); the others work.
 //! The guest is untrusted: at most [`MAX_PORTS`] ports and
-//! [`MAX_CONNECTIONS`] connections at once, replies capped in size.
+//! [`MAX_CONNECTIONS`] connections at once, replies capped in size, the
+//! lines it makes us log rate-limited ([`LOG_BURST`] a minute), and its
+//! HOSTIP mapped by [`bind_addrs`]: empty, `0.0.0.0` or `::` (the guest's
+//! "all addresses") is the host's 127.0.0.1 and [::1], never the host's
+//! own wildcard (a guest must not open ports on the host's network); a
+//! loopback address (127.0.0.0/8, ::1) is that address alone; anything
+//! else is refused with a log line and an `error` in ports.json.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -41,11 +47,78 @@ pub const MAX_PORTS: usize = 256;
 pub const MAX_CONNECTIONS: usize = 1024;
 /// The VM process's record of the forwarded ports, in the machine's dir.
 pub const STATE_FILE: &str = "ports.json";
-/// The largest WatchPorts reply taken.
-const MAX_REPLY: usize = 1 << 20;
+/// The largest WatchPorts reply taken (10,000 records fit).
+const MAX_REPLY: usize = 4 << 20;
+/// Lines the guest's requests may make us log per [`LOG_WINDOW`]; the rest
+/// are counted and the count logged when the window turns.
+pub const LOG_BURST: u32 = 8;
+const LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// A rate limit for the log lines the guest can cause.
+struct LogBudget {
+    since: Instant,
+    used: u32,
+    dropped: u64,
+}
+
+impl LogBudget {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            used: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Logs `line` unless this window's lines are spent.
+    fn note(&mut self, line: &str) {
+        if self.since.elapsed() >= LOG_WINDOW {
+            if self.dropped > 0 {
+                note!(
+                    "{} more lines about the guest's ports not logged",
+                    self.dropped
+                );
+            }
+            *self = Self::new();
+        }
+        if self.used < LOG_BURST {
+            self.used += 1;
+            note!("{line}");
+        } else {
+            self.dropped += 1;
+        }
+    }
+}
+
+/// The host addresses a guest HOSTIP is forwarded on (see the module doc),
+/// or why it is refused.
+pub fn bind_addrs(host_ip: &str) -> Result<Vec<IpAddr>, String> {
+    let all = || {
+        vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ]
+    };
+    let ip = host_ip.trim().trim_start_matches('[').trim_end_matches(']');
+    if ip.is_empty() {
+        return Ok(all());
+    }
+    match ip.parse::<IpAddr>() {
+        Ok(a) if a.is_unspecified() => Ok(all()),
+        Ok(a) if a.is_loopback() => Ok(vec![a]),
+        Ok(a) => Err(format!(
+            "HOSTIP {a} is not a loopback or wildcard address: refused"
+        )),
+        Err(_) => Err(format!(
+            "HOSTIP {:?} is not an address: refused",
+            ip.chars().take(64).collect::<String>()
+        )),
+    }
+}
 
 /// One host port being forwarded (or that could not be).
 struct Forward {
+    host_ip: String,
     container_port: u64,
     container: String,
     listening: Vec<SocketAddr>,
@@ -72,7 +145,9 @@ pub struct Forwarder {
     state: Option<File>,
     ports: BTreeMap<u16, Forward>,
     connections: Arc<AtomicUsize>,
-    capped_logged: bool,
+    /// Whether the last set was over [`MAX_PORTS`] (logged on the way up).
+    capped: bool,
+    log: LogBudget,
     /// Whether the current WatchPorts call has answered.
     following: bool,
 }
@@ -86,7 +161,8 @@ impl Forwarder {
             state,
             ports: BTreeMap::new(),
             connections: Arc::new(AtomicUsize::new(0)),
-            capped_logged: false,
+            capped: false,
+            log: LogBudget::new(),
             following: false,
         }
     }
@@ -145,9 +221,11 @@ impl Forwarder {
         }
     }
 
-    /// Makes the listeners match `list` (the agent's PublishedPort values).
+    /// Makes the listeners match `list` (the agent's PublishedPort values):
+    /// the first [`MAX_PORTS`] distinct TCP host ports, in the guest's order.
     fn apply(&mut self, list: &[Value]) {
-        let mut want: BTreeMap<u16, (u64, String)> = BTreeMap::new();
+        let mut want: BTreeMap<u16, (String, u64, String)> = BTreeMap::new();
+        let mut asked = std::collections::BTreeSet::new();
         for p in list {
             let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("tcp");
             let Some(port) = p
@@ -158,35 +236,39 @@ impl Forwarder {
             else {
                 continue;
             };
-            if want.len() >= MAX_PORTS && !want.contains_key(&port) {
-                if !self.capped_logged {
-                    note!(
-                        "the guest asks for {} ports; forwarding the first {MAX_PORTS}",
-                        list.len()
-                    );
-                    self.capped_logged = true;
-                }
+            asked.insert(port);
+            if want.len() >= MAX_PORTS || want.contains_key(&port) {
                 continue;
             }
+            let text = |k: &str, max: usize| -> String {
+                let s = p.get(k).and_then(Value::as_str).unwrap_or_default();
+                s.chars().take(max).collect()
+            };
             let cport = p.get("container_port").and_then(Value::as_u64).unwrap_or(0);
-            let name = p
-                .get("container")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .chars()
-                .take(128)
-                .collect();
-            want.insert(port, (cport, name));
+            want.insert(port, (text("host_ip", 64), cport, text("container", 128)));
         }
+        let over = asked.len() > MAX_PORTS;
+        if over && !self.capped {
+            let n = asked.len();
+            self.log.note(&format!(
+                "the guest asks for {n} ports; forwarding the first {MAX_PORTS}, not the other {}",
+                n - MAX_PORTS
+            ));
+        }
+        self.capped = over;
         let before = self.ports.len();
-        self.ports.retain(|port, _| want.contains_key(port));
+        self.ports.retain(|port, f| {
+            want.get(port).is_some_and(|(ip, cport, name)| {
+                (ip, cport, name) == (&f.host_ip, &f.container_port, &f.container)
+            })
+        });
         let mut changed = before != self.ports.len();
-        for (port, (cport, name)) in want {
+        for (port, (ip, cport, name)) in want {
             if self.ports.contains_key(&port) {
                 continue;
             }
             changed = true;
-            let f = self.open(port, cport, name);
+            let f = self.open(port, ip, cport, name);
             self.ports.insert(port, f);
         }
         if changed {
@@ -195,9 +277,17 @@ impl Forwarder {
     }
 
     /// Opens the listeners for one port and their accept threads.
-    fn open(&self, port: u16, container_port: u64, container: String) -> Forward {
+    fn open(
+        &mut self,
+        port: u16,
+        host_ip: String,
+        container_port: u64,
+        container: String,
+    ) -> Forward {
         let stop = Arc::new(AtomicBool::new(false));
+        let addrs = bind_addrs(&host_ip);
         let mut f = Forward {
+            host_ip,
             container_port,
             container,
             listening: Vec::new(),
@@ -205,18 +295,31 @@ impl Forwarder {
             stop: stop.clone(),
             fds: Vec::new(),
         };
-        let v4 = SocketAddr::from(([127, 0, 0, 1], port));
-        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-        for addr in [v4, v6] {
+        let addrs = match addrs {
+            Ok(a) => a,
+            Err(why) => {
+                let msg = format!("host port {port}: {why}");
+                self.log.note(&msg);
+                f.error = Some(msg);
+                return f;
+            }
+        };
+        let wildcard = addrs.len() > 1;
+        for ip in addrs {
+            let addr = SocketAddr::new(ip, port);
             let l = match TcpListener::bind(addr) {
                 Ok(l) => l,
                 // A host without IPv6 on its loopback.
-                Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                Err(e)
+                    if wildcard
+                        && addr.is_ipv6()
+                        && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
+                {
                     continue
                 }
                 Err(e) => {
                     let msg = format!("host port {addr} is not free ({e}): not forwarded");
-                    note!("{msg}");
+                    self.log.note(&msg);
                     f.error.get_or_insert(msg);
                     continue;
                 }
@@ -242,7 +345,8 @@ impl Forwarder {
             .ports
             .iter()
             .map(|(port, f)| {
-                json!({"protocol": "tcp", "host_port": port, "container_port": f.container_port,
+                json!({"protocol": "tcp", "host_ip": f.host_ip, "host_port": port,
+                       "container_port": f.container_port,
                        "container": f.container,
                        "listening": f.listening.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                        "error": f.error})

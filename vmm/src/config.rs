@@ -116,6 +116,9 @@ pub struct VmConfig {
     pub vsock_ports: Vec<(u32, PathBuf)>,
     /// A virtio-rng device fed by the host's getrandom.
     pub virtio_rng: bool,
+    /// A virtio-balloon device with free page reporting: the guest gives
+    /// the memory it frees back to the host (`--balloon`).
+    pub balloon: bool,
     /// Also announce each virtio-mmio device on the command line
     /// (`virtio_mmio.device=4K@0x...:GSI`), for kernels built with
     /// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; the DSDT announces them anyway,
@@ -144,6 +147,7 @@ impl VmConfig {
             vsock: None,
             vsock_ports: Vec::new(),
             virtio_rng: false,
+            balloon: false,
             virtio_mmio_cmdline: false,
             timings: false,
             start_ns: None,
@@ -352,6 +356,10 @@ impl VmBuilder {
     }
     pub fn virtio_rng(mut self, on: bool) -> Self {
         self.config.virtio_rng = on;
+        self
+    }
+    pub fn balloon(mut self, on: bool) -> Self {
+        self.config.balloon = on;
         self
     }
     pub fn virtio_mmio_cmdline(mut self, on: bool) -> Self {

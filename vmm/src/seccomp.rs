@@ -514,6 +514,7 @@ pub fn apply(role: Role) -> Result<(), SeccompError> {
     };
     let selftest = selftest_requested(role);
     THREAD_ROLE.with(|r| r.set(role.name()));
+    pin_malloc_arenas();
     seccompiler::apply_filter(prog).map_err(|e| SeccompError::Install {
         role: role.name(),
         reason: e.to_string(),
@@ -524,6 +525,28 @@ pub fn apply(role: Role) -> Result<(), SeccompError> {
         unsafe { libc::syscall(libc::SYS_getppid) };
     }
     Ok(())
+}
+
+/// glibc's malloc, the first time a process has more threads than 8 arenas,
+/// reads /sys/devices/system/cpu/online (openat) to size its arena limit:
+/// under a filter that is SIGSYS (a forwarder with a few dozen connection
+/// threads died of it). Setting the limit first, to glibc's own default
+/// (8 per CPU), leaves nothing to read.
+fn pin_malloc_arenas() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>()
+        // bytes into set; CPU_COUNT reads it; mallopt takes two ints.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            let n = if libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) == 0 {
+                libc::CPU_COUNT(&set).max(1)
+            } else {
+                2
+            };
+            libc::mallopt(libc::M_ARENA_MAX, 8 * n);
+        }
+    });
 }
 
 #[cfg(debug_assertions)]

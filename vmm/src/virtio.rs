@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use b2p_devices::virtio::balloon::{Balloon, BalloonConfig};
 use b2p_devices::virtio::block::{Block, BlockConfig};
 use b2p_devices::virtio::net::passt::PasstBackend;
 use b2p_devices::virtio::net::{Net, NetConfig as NetDeviceConfig};
@@ -18,7 +19,7 @@ use crate::event_loop::Manager;
 use crate::GuestMemoryMmap;
 
 /// Create and wire every virtio device of `config`, in a fixed order
-/// (disks, nets, vsock, rng) so DSDT node names stay stable. The passt
+/// (disks, nets, vsock, rng, balloon) so DSDT node names stay stable. The passt
 /// processes started for `--net passt` go to `passt`.
 pub fn add_devices(
     config: &VmConfig,
@@ -82,6 +83,12 @@ pub fn add_devices(
     if config.virtio_rng {
         let rng = Rng::new().map_err(|e| Error::Device(format!("virtio-rng: {e}")))?;
         devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(rng)), "virtio-rng")?;
+    }
+    if config.balloon {
+        let balloon = Balloon::new(BalloonConfig::default())
+            .map_err(|e| Error::Device(format!("virtio-balloon: {e}")))?;
+        let balloon = Arc::new(Mutex::new(balloon));
+        devices.add_virtio(vm, mem, events, balloon, "virtio-balloon")?;
     }
     Ok(())
 }

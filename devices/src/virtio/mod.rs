@@ -28,6 +28,7 @@
 //! is untrusted: it may produce errors, never panics or accesses outside
 //! guest memory.
 
+pub mod balloon;
 pub mod block;
 pub mod iovec;
 pub mod mmio;

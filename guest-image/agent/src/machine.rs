@@ -1,6 +1,6 @@
 //! The `io.b2p.Machine` interface: the guest's status for the host-side
-//! manager (uptime, boot milestones, data disk, Podman readiness) and
-//! Shutdown.
+//! manager (uptime, boot milestones, data disk, Podman readiness),
+//! Shutdown, and SetTime (clock.rs).
 //!
 //! Boot milestones come from the init: `/run/b2p/milestones` holds one line
 //! per milestone, `NAME UPTIME_SECONDS` (the first field of /proc/uptime when
@@ -202,12 +202,13 @@ impl Machine {
     pub async fn call(
         &self,
         method: &str,
-        _params: &Map<String, Value>,
+        params: &Map<String, Value>,
         podman: &PodmanService,
     ) -> Option<Result<Value, VarlinkError>> {
         Some(match method {
             "GetStatus" => Ok(self.status(podman).await),
             "Shutdown" => self.shutdown(),
+            "SetTime" => crate::clock::set_time(params),
             _ => return None,
         })
     }

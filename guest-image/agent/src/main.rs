@@ -4,6 +4,7 @@
 //! to published container ports (`ports`); for tests, the
 //! same on Unix sockets.
 
+mod clock;
 mod dispatch;
 mod forward;
 mod idl;

@@ -3,7 +3,7 @@
 //! `b2p-vmm run --kernel K --initrd I [--cmdline S] [--memory MiB] [--cpus N]
 //! [--console stdio|file:PATH|none] [--boot-timer] [--disk PATH[,ro][,serial=S]]...
 //! [--net tap=NAME|passt[=PATH][,mac=M]]... [--vsock cid=N,uds=PATH] [--vsock-port PORT=PATH]...
-//! [--virtio-rng] [--virtio-mmio-cmdline] [--timings] [--no-seccomp]`
+//! [--virtio-rng] [--balloon] [--virtio-mmio-cmdline] [--timings] [--no-seccomp]`
 //!
 //! Exit status 0 when the guest shuts down (power-off, reset, a triple
 //! fault after it wrote to the console) or on SIGTERM/SIGINT/SIGHUP/SIGQUIT
@@ -92,6 +92,11 @@ struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom
     #[arg(long)]
     virtio_rng: bool,
+    /// A virtio-balloon device: the guest's free page reporting gives the
+    /// memory it frees back to the host; its memory statistics are logged
+    /// every 30 s (B2P_LOG=info)
+    #[arg(long)]
+    balloon: bool,
     /// Also list the virtio-mmio devices on the command line (virtio_mmio.device=),
     /// for kernels with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI
     #[arg(long)]
@@ -134,6 +139,7 @@ fn run(args: RunArgs, start_ns: u64, signals: StopSignals) -> anyhow::Result<()>
         vsock: args.vsock,
         vsock_ports: args.vsock_port,
         virtio_rng: args.virtio_rng,
+        balloon: args.balloon,
         virtio_mmio_cmdline: args.virtio_mmio_cmdline,
         timings,
         start_ns: Some(start_ns),
