@@ -3,10 +3,10 @@
 
   guest-image/measure.py boot  [--runs N]    QEMU start -> kernel milestones -> "b2p: userspace ready"
   guest-image/measure.py unpack [--runs N]   initrd unpack time: gzip vs zstd vs lz4 (legacy -l)
-  guest-image/measure.py compare --old DIR [--new DIR] [--runs N]
-                                             two images, interleaved: QEMU start -> "Run /init"
+  guest-image/measure.py compare --old DIR [--new DIR]... [--runs N]
+                                             images, interleaved: QEMU start -> "Run /init"
                                              -> "b2p: userspace ready" -> the agent answers
-                                             io.podman.GetVersion over vsock; the new image
+                                             io.podman.GetVersion over vsock; each new image
                                              with its bzImage and, when present, its vmlinux (PVH)
 
 Both boot vmlinuz64 from $B2P_CACHE/image (default ~/.cache/b2p/image) with
@@ -143,14 +143,17 @@ def getversion(uds, timeout):
                 return None
             buf += c
         v = json.loads(buf[:-1])
-        return v.get("parameters", {}).get("version", {}).get("version") or "?"
+        if not isinstance(v, dict) or "error" in v:
+            return None
+        ver = (v.get("parameters") or {}).get("version")
+        return (ver.get("version") if isinstance(ver, dict) else ver) or "?"
     except (OSError, ValueError):
         return None
     finally:
         s.close()
 
 
-def boot_vsock(kernel, initrd, vhost_bin, timeout=420):
+def boot_vsock(kernel, initrd, vhost_bin, timeout=240):
     """Boots with a vhost-user vsock (as tests/guest_image/vsock.rs); returns
     {"Run /init": s, "userspace ready": s, "GetVersion": s} in host seconds from QEMU start."""
     import threading
@@ -170,7 +173,7 @@ def boot_vsock(kernel, initrd, vhost_bin, timeout=420):
                     "-append", f"console=ttyS0 tsc_early_khz={host_khz()} panic=-1",
                     "-device", "virtio-rng-device", "-chardev", f"socket,id=c0,path={vs}",
                     "-device", "vhost-user-vsock-device,chardev=c0"]
-            seen, tail = {}, []
+            seen, tail, stop = {}, [], []
             t0 = time.monotonic()
             p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -182,10 +185,12 @@ def boot_vsock(kernel, initrd, vhost_bin, timeout=420):
                     for m in ("Run /init", "b2p: userspace ready"):
                         if m in line and m not in seen:
                             seen[m] = time.monotonic() - t0
+                    if "Kernel panic" in line or "System halted" in line:
+                        stop.append(line)
             th = threading.Thread(target=console, daemon=True)
             th.start()
             try:
-                while time.monotonic() - t0 < timeout and p.poll() is None:
+                while time.monotonic() - t0 < timeout and p.poll() is None and not stop:
                     if getversion(uds, 5):
                         seen["GetVersion"] = time.monotonic() - t0
                         break
@@ -202,18 +207,20 @@ def boot_vsock(kernel, initrd, vhost_bin, timeout=420):
             vh.wait()
 
 
-def compare(old, new, runs):
+def compare(old, news, runs):
     vhost = which("vhost-device-vsock")
     if not vhost:
         sys.exit("vhost-device-vsock not found (cargo install vhost-device-vsock)")
     def initrd(d):
         return os.path.join(d, "boot2podman.lz4" if os.path.isfile(os.path.join(d, "boot2podman.lz4")) else "boot2podman.gz")
-    peers = [("old bzImage", os.path.join(old, "vmlinuz64"), initrd(old)),
-             ("new bzImage", os.path.join(new, "vmlinuz64"), initrd(new))]
-    if os.path.isfile(os.path.join(new, "vmlinux")):
-        peers.append(("new vmlinux (PVH)", os.path.join(new, "vmlinux"), initrd(new)))
+    peers = [("old bzImage", os.path.join(old, "vmlinuz64"), initrd(old))]
+    for n, new in enumerate(news):
+        tag = f"new{n + 1 if len(news) > 1 else ''}"
+        peers.append((f"{tag} bzImage", os.path.join(new, "vmlinuz64"), initrd(new)))
+        if os.path.isfile(os.path.join(new, "vmlinux")):
+            peers.append((f"{tag} vmlinux (PVH)", os.path.join(new, "vmlinux"), initrd(new)))
     for name, k, i in peers:
-        print(f"{name}: {k} ({os.path.getsize(k) / 2**20:.1f} MiB), {i} ({os.path.getsize(i) / 2**20:.1f} MiB)")
+        print(f"{name}: {k} ({os.path.getsize(k) / 2**20:.1f} MiB), {i} ({os.path.getsize(i) / 2**20:.1f} MiB)", flush=True)
     marks = ["Run /init", "userspace ready", "GetVersion"]
     res = {name: {m: [] for m in marks} for name, _, _ in peers}
     for r in range(runs):
@@ -229,10 +236,10 @@ def compare(old, new, runs):
         for m in marks:
             xs = res[name][m]
             if not xs:
-                print(f"  {name:18s} {m:16s} not reached")
+                print(f"  {name:20s} {m:16s} not reached")
                 continue
             ratio = f"  ratio to old {statistics.median(xs) / base[m]:.2f}" if m in base else ""
-            print(f"  {name:18s} {m:16s} {stats(xs)}{ratio}")
+            print(f"  {name:20s} {m:16s} {stats(xs)}{ratio}")
 
 
 def main():
@@ -240,15 +247,16 @@ def main():
     ap.add_argument("what", choices=["boot", "unpack", "compare"])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--old", help="compare: the reference image directory")
-    ap.add_argument("--new", default=IMG, help="compare: the new image directory (default $B2P_CACHE/image)")
+    ap.add_argument("--new", action="append", help="compare: a new image directory (repeatable; default $B2P_CACHE/image)")
     a = ap.parse_args()
     if a.what == "compare":
         if not a.old:
             sys.exit("compare needs --old DIR")
-        for d in (a.old, a.new):
+        news = a.new or [IMG]
+        for d in [a.old] + news:
             if not os.path.isfile(os.path.join(d, "vmlinuz64")):
                 sys.exit(f"{d}/vmlinuz64 missing")
-        return compare(a.old, a.new, a.runs)
+        return compare(a.old, news, a.runs)
     for f in ("vmlinuz64", "boot2podman.gz"):
         if not os.path.isfile(os.path.join(IMG, f)):
             sys.exit(f"{IMG}/{f} missing: run guest-image/build.sh")
