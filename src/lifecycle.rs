@@ -14,10 +14,12 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 use b2p_vmm::config::DEFAULT_CMDLINE;
 use b2p_vmm::signals::StopSignals;
-use b2p_vmm::{image, Console, DiskConfig, NetConfig, Vm, VmConfig, VsockConfig};
+use b2p_vmm::{
+    image, Console, DiskConfig, FsBackend, FsConfig, NetConfig, Vm, VmConfig, VsockConfig,
+};
 
 use crate::machine::{
-    create_private_dir, private_file, Machine, MachineConfig, Network, State, RUN_VM,
+    create_private_dir, private_file, Machine, MachineConfig, Network, State, Volume, RUN_VM,
 };
 use crate::userdata;
 use crate::varlink;
@@ -57,6 +59,80 @@ pub struct CreateOptions {
     /// Default gateway for eth0
     #[arg(long, value_name = "ADDR", requires = "ip")]
     pub gateway: Option<String>,
+    /// A host folder in the guest over virtio-fs (repeatable): HOST at GUEST
+    /// (default: the same path), read-only with :ro; `none` for no folder
+    /// [default: your home folder at the same path, as podman machine does,
+    /// when it is a folder and virtiofsd is installed]
+    #[arg(long = "volume", value_name = "HOST[:GUEST][:ro]|none")]
+    pub volumes: Vec<String>,
+}
+
+/// `HOST[:GUEST][:ro]`: absolute paths (HOST must be a folder), no `:` in
+/// them, nothing the kernel command line would split (whitespace).
+pub fn parse_volume(s: &str) -> Result<Volume> {
+    let (rest, read_only) = match s.strip_suffix(":ro") {
+        Some(r) => (r, true),
+        None => (s, false),
+    };
+    let (host, guest) = match rest.split_once(':') {
+        Some((h, g)) => (h, g),
+        None => (rest, rest),
+    };
+    if guest.contains(':') {
+        bail!("--volume {s:?}: expected HOST[:GUEST][:ro] (a path may not contain ':')");
+    }
+    for p in [host, guest] {
+        if !p.starts_with('/') {
+            bail!("--volume {s:?}: {p:?} is not an absolute path");
+        }
+        if p.chars().any(char::is_whitespace) {
+            bail!("--volume {s:?}: a path may not contain whitespace");
+        }
+    }
+    let host = std::fs::canonicalize(host).with_context(|| format!("--volume {s:?}: {host}"))?;
+    if !host.is_dir() {
+        bail!("--volume {s:?}: {} is not a folder", host.display());
+    }
+    Ok(Volume {
+        host,
+        guest: PathBuf::from(guest),
+        read_only,
+    })
+}
+
+/// The folders a new machine mounts: the `--volume`s, `none`, or by
+/// default the home folder.
+fn volumes(given: &[String]) -> Result<Vec<Volume>> {
+    if given.iter().any(|v| v == "none") {
+        if given.len() > 1 {
+            bail!("--volume none goes alone");
+        }
+        return Ok(Vec::new());
+    }
+    if given.is_empty() {
+        // The default is a convenience, never a reason to fail: no home
+        // folder (a system user's /nonexistent), one the command line cannot
+        // carry, or no virtiofsd to serve it means no folder.
+        let home = std::env::var_os("HOME").map(|h| h.to_string_lossy().into_owned());
+        return Ok(home
+            .and_then(|h| parse_volume(&h).ok())
+            .filter(|_| b2p_vmm::virtiofsd::find_virtiofsd().is_some())
+            .into_iter()
+            .collect());
+    }
+    let vols = given
+        .iter()
+        .map(|v| parse_volume(v))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, v) in vols.iter().enumerate() {
+        if vols[..i].iter().any(|w| w.guest == v.guest) {
+            bail!(
+                "--volume: {} is given twice as a guest path",
+                v.guest.display()
+            );
+        }
+    }
+    Ok(vols)
 }
 
 /// The guest's vsock CID; each machine has its own host-side socket, so
@@ -85,6 +161,13 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
             b2p_vmm::passt::PasstError::NotInstalled
         );
     }
+    let volumes = volumes(&opts.volumes)?;
+    if !volumes.is_empty() && b2p_vmm::virtiofsd::find_virtiofsd().is_none() {
+        bail!(
+            "{} (or create the machine with --volume none)",
+            b2p_vmm::virtiofsd::VirtiofsdError::NotInstalled
+        );
+    }
     let config = MachineConfig {
         name: m.name.clone(),
         memory_mib: opts.memory_mib,
@@ -97,6 +180,7 @@ pub fn create(m: &Machine, opts: CreateOptions) -> Result<MachineConfig> {
         tap: opts.tap,
         ip: opts.ip,
         gateway: opts.gateway,
+        volumes,
         created: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -222,11 +306,26 @@ pub fn vm_config(m: &Machine, c: &MachineConfig, resolve_image: bool) -> Result<
         // passt answers DHCP with the host's address, gateway and DNS.
         cmdline.push_str(" b2p.ip=dhcp");
     }
+    // Each folder is tag volN, mounted by the init (b2p.fs=volN:GUEST[:ro]).
+    let mut fs = Vec::with_capacity(c.volumes.len());
+    for (i, vol) in c.volumes.iter().enumerate() {
+        let tag = format!("vol{i}");
+        let ro = if vol.read_only { ":ro" } else { "" };
+        cmdline.push_str(&format!(" b2p.fs={tag}:{}{ro}", vol.guest.display()));
+        fs.push(FsConfig {
+            tag,
+            backend: FsBackend::Folder {
+                path: vol.host.clone(),
+                read_only: vol.read_only,
+            },
+        });
+    }
     if !c.cmdline.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&c.cmdline);
     }
     let mut v = VmConfig::new(kernel);
+    v.fs = fs;
     v.initrd = initrd;
     v.cmdline = cmdline;
     v.memory_mib = c.memory_mib;
@@ -259,8 +358,10 @@ pub fn vm_config(m: &Machine, c: &MachineConfig, resolve_image: bool) -> Result<
 }
 
 /// Starts the machine's VM process and waits until its VM runs (or says
-/// why it cannot); returns its pid.
-pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
+/// why it cannot); returns its pid. With `proxy_env`, the VM process keeps
+/// this environment's proxy settings, which it hands to the guest
+/// (proxy.rs); without, they are taken out of its environment.
+pub fn start(m: &Machine, limit: Duration, proxy_env: bool) -> Result<u32> {
     if let State::Running(pid) = m.state() {
         bail!("machine {} is already running (pid {pid})", m.name);
     }
@@ -268,6 +369,9 @@ pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
     vm_config(m, &config, true)?
         .validate()
         .map_err(anyhow::Error::new)?;
+    if proxy_env {
+        crate::proxy::from_env()?;
+    }
     // A machine made before directories were private becomes private.
     std::fs::set_permissions(&m.dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private", m.dir.display()))?;
@@ -290,6 +394,11 @@ pub fn start(m: &Machine, limit: Duration) -> Result<u32> {
     let _ = std::fs::remove_file(m.pid_path());
     let exe = std::env::current_exe().context("locating the b2p binary")?;
     let mut cmd = Command::new(exe);
+    if !proxy_env {
+        for var in crate::proxy::NAMES {
+            cmd.env_remove(var);
+        }
+    }
     cmd.arg(RUN_VM)
         .arg(&m.name)
         .stdin(Stdio::null())
@@ -383,7 +492,13 @@ pub fn run_vm(m: &Machine) -> Result<()> {
         .map_err(|e| eprintln!("b2p: published ports: ports.json: {e}"))
         .ok();
     crate::ports::spawn(m.vsock_path(), state).context("spawning the ports thread")?;
-    let vm = Vm::start(vm_config(m, &config, true)?)?;
+    // The guest's wall clock from the host's, at boot and after each
+    // host resume (clock.rs).
+    crate::clock::spawn(m.vsock_path()).context("spawning the clock thread")?;
+    let mut vm_cfg = vm_config(m, &config, true)?;
+    // The proxy settings `b2p start` left in this process's environment.
+    vm_cfg.cmdline.push_str(&crate::proxy::from_env()?);
+    let vm = Vm::start(vm_cfg)?;
     signals
         .stop_vm_on_signal(vm.stop_handle())
         .context("spawning the signal thread")?;
@@ -459,6 +574,130 @@ fn wait_stopped(m: &Machine, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     m.state() == State::Stopped
+}
+
+/// What `b2p set` changes (its command-line options; at least one).
+#[derive(clap::Args, Debug)]
+pub struct SetOptions {
+    /// New data disk size in MiB (it can only grow; the guest grows its
+    /// partition and filesystem at the next boot)
+    #[arg(long = "disk-size", value_name = "MiB")]
+    pub disk_size_mib: Option<u64>,
+    /// New guest memory in MiB
+    #[arg(long = "memory", value_name = "MiB")]
+    pub memory_mib: Option<u64>,
+    /// New number of vCPUs
+    #[arg(long)]
+    pub cpus: Option<usize>,
+}
+
+/// Changes a stopped machine's disk size, memory or vCPUs. Everything is
+/// checked before anything changes: a running machine (its pid file, the
+/// vmm.log lock a starting one holds, the disk's lock any VM holds), a
+/// smaller disk, memory or vCPUs the monitor or host cannot give each
+/// fail with one line and leave the machine as it was. Returns what
+/// changed, one line each.
+pub fn set(m: &Machine, opts: SetOptions) -> Result<Vec<String>> {
+    if opts.disk_size_mib.is_none() && opts.memory_mib.is_none() && opts.cpus.is_none() {
+        bail!("nothing to set: give --disk-size, --memory or --cpus");
+    }
+    if let State::Running(pid) = m.state() {
+        bail!(
+            "machine {} is running (pid {pid}): stop it first (b2p stop {})",
+            m.name,
+            m.name
+        );
+    }
+    // Held until the end: a `b2p start` racing this one is refused.
+    let log = private_file(&m.vmm_log_path(), false)
+        .with_context(|| format!("opening {}", m.vmm_log_path().display()))?;
+    // SAFETY: flock on an fd we own; no memory is passed.
+    if unsafe { libc::flock(log.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "machine {} is starting or running ({} is locked): stop it first",
+            m.name,
+            m.vmm_log_path().display()
+        );
+    }
+    let old = m.load()?;
+    let mut new = old.clone();
+    if let Some(mib) = opts.memory_mib {
+        new.memory_mib = mib;
+    }
+    if let Some(n) = opts.cpus {
+        new.cpus = n;
+    }
+    let vm = vm_config(m, &new, false)?;
+    vm.validate().map_err(anyhow::Error::new)?;
+    if opts.memory_mib.is_some() {
+        vm.check_host_memory().map_err(anyhow::Error::new)?;
+    }
+    let disk_path = m.disk_path();
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk_path)
+        .with_context(|| format!("opening {}", disk_path.display()))?;
+    // Any VM of this disk (ours, QEMU, Cloud Hypervisor) holds this lock.
+    b2p_vmm::disk_lock::lock_image(&disk, false).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is in use by a running VM ({e}): stop it first",
+            disk_path.display()
+        )
+    })?;
+    let old_bytes = disk.metadata()?.len();
+    let mut grow_to = None;
+    if let Some(mib) = opts.disk_size_mib {
+        let bytes = mib
+            .checked_mul(1 << 20)
+            .filter(|b| i64::try_from(*b).is_ok())
+            .with_context(|| {
+                format!(
+                    "--disk-size {mib} MiB is too large (at most {} MiB)",
+                    (i64::MAX as u64) >> 20
+                )
+            })?;
+        if bytes < old_bytes {
+            bail!(
+                "--disk-size {mib} MiB is smaller than the disk's {} MiB: a disk can only grow",
+                old_bytes >> 20
+            );
+        }
+        new.disk_size_mib = mib;
+        if bytes > old_bytes {
+            grow_to = Some(bytes);
+        }
+    }
+    let mut changed = Vec::new();
+    if let Some(bytes) = grow_to {
+        // Sparse: the new tail takes no space until the guest writes it.
+        disk.set_len(bytes)
+            .with_context(|| format!("growing {}", disk_path.display()))?;
+        changed.push(format!(
+            "disk {} -> {} MiB (the guest grows its partition and filesystem at the next boot)",
+            old_bytes >> 20,
+            bytes >> 20
+        ));
+    }
+    if let Err(e) = m.save(&new) {
+        if grow_to.is_some() {
+            // Nothing has been written to the new tail: give it back.
+            let _ = disk.set_len(old_bytes);
+        }
+        return Err(e);
+    }
+    if new.memory_mib != old.memory_mib {
+        changed.push(format!(
+            "memory {} -> {} MiB",
+            old.memory_mib, new.memory_mib
+        ));
+    }
+    if new.cpus != old.cpus {
+        changed.push(format!("cpus {} -> {}", old.cpus, new.cpus));
+    }
+    drop(disk);
+    drop(log);
+    Ok(changed)
 }
 
 /// Removes a machine; a running one only with `force` (it is stopped first).
@@ -573,8 +812,72 @@ mod tests {
             tap: tap.map(String::from),
             ip: None,
             gateway: None,
+            volumes: Vec::new(),
             created: 0,
         }
+    }
+
+    #[test]
+    fn volumes_become_fs_devices_and_mount_words() {
+        let m = scratch("volumes");
+        let mut c = config_with(Some(Network::None), None);
+        c.volumes = vec![
+            Volume {
+                host: "/srv/a,b".into(),
+                guest: "/a".into(),
+                read_only: false,
+            },
+            Volume {
+                host: "/srv/c".into(),
+                guest: "/srv/c".into(),
+                read_only: true,
+            },
+        ];
+        let v = vm_config(&m, &c, false).unwrap();
+        assert_eq!(v.fs.len(), 2);
+        assert_eq!(v.fs[1].tag, "vol1");
+        assert_eq!(
+            v.fs[1].backend,
+            FsBackend::Folder {
+                path: "/srv/c".into(),
+                read_only: true
+            }
+        );
+        assert!(
+            v.cmdline.contains(" b2p.fs=vol0:/a b2p.fs=vol1:/srv/c:ro"),
+            "{}",
+            v.cmdline
+        );
+    }
+
+    #[test]
+    fn volume_syntax() {
+        let tmp = std::env::temp_dir();
+        let t = tmp.display().to_string();
+        let canon = std::fs::canonicalize(&tmp).unwrap();
+        let v = parse_volume(&t).unwrap();
+        assert_eq!(
+            (v.host.clone(), v.guest, v.read_only),
+            (canon.clone(), tmp.clone(), false)
+        );
+        let v = parse_volume(&format!("{t}:/data:ro")).unwrap();
+        assert_eq!(
+            (v.host, v.guest, v.read_only),
+            (canon, "/data".into(), true)
+        );
+        for bad in [
+            "rel",
+            "/nonexistent-b2p-dir",
+            "/etc/hostname",
+            "/a:/b:/c",
+            "/tmp:rel",
+            "/tmp:/x y",
+        ] {
+            assert!(parse_volume(bad).is_err(), "{bad}");
+        }
+        assert!(volumes(&["none".into()]).unwrap().is_empty());
+        assert!(volumes(&["none".into(), t.clone()]).is_err());
+        assert!(volumes(&[t.clone(), format!("{t}:{t}")]).is_err());
     }
 
     #[test]

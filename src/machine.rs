@@ -42,8 +42,20 @@ pub struct MachineConfig {
     /// The guest's default gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// Host folders the guest mounts over virtio-fs (`--volume`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
     /// Seconds since the epoch.
     pub created: u64,
+}
+
+/// A host folder in the guest (`b2p create --volume HOST[:GUEST][:ro]`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Volume {
+    pub host: PathBuf,
+    pub guest: PathBuf,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 /// A machine's network (`b2p create --network`).
@@ -407,6 +419,11 @@ mod tests {
             tap: None,
             ip: None,
             gateway: None,
+            volumes: vec![Volume {
+                host: "/home/u".into(),
+                guest: "/home/u".into(),
+                read_only: true,
+            }],
             created: 1,
         };
         let text = serde_json::to_string(&c).unwrap();

@@ -2,11 +2,13 @@
 //! under `$XDG_DATA_HOME/b2p/machines/NAME/` (machine.rs); their VM runs in
 //! a detached `b2p` process that embeds the b2p-vmm monitor
 //! (lifecycle.rs). Verbs: create, start, stop, status, ls, inspect, env,
-//! ip, ssh, rm, and `varlink NAME|ADDRESS call METHOD [PARAMS-JSON]`.
+//! ip, ssh, set, rm, and `varlink NAME|ADDRESS call METHOD [PARAMS-JSON]`.
 
+mod clock;
 mod lifecycle;
 mod machine;
 mod ports;
+mod proxy;
 mod ssh;
 mod userdata;
 mod varlink;
@@ -19,7 +21,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
-use lifecycle::CreateOptions;
+use lifecycle::{CreateOptions, SetOptions};
 use machine::{Machine, State, RUN_VM};
 
 #[derive(Parser, Debug)]
@@ -51,6 +53,10 @@ enum Command {
         /// Return as soon as the VM runs, without waiting for the agent
         #[arg(long)]
         no_wait: bool,
+        /// Do not hand this environment's HTTP_PROXY, HTTPS_PROXY and
+        /// NO_PROXY (either case) to the guest's Podman
+        #[arg(long)]
+        no_proxy_env: bool,
     },
     /// Stop a machine: the guest shuts down, else its VM is stopped.
     Stop {
@@ -65,7 +71,7 @@ enum Command {
     Ls,
     /// Print a machine's configuration, state and paths as JSON.
     Inspect { name: String },
-    /// Print the shell exports that point podman and varlink clients at a machine.
+    /// Print the shell exports that point podman, docker and varlink clients at a machine.
     Env { name: String },
     /// Print a machine's IPv4 address.
     Ip { name: String },
@@ -74,6 +80,12 @@ enum Command {
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
+    },
+    /// Change a stopped machine's disk size (grow only), memory or vCPUs.
+    Set {
+        name: String,
+        #[command(flatten)]
+        options: SetOptions,
     },
     /// Remove a machine and its disk.
     Rm {
@@ -101,6 +113,14 @@ enum Command {
         #[arg(long)]
         state: Option<std::path::PathBuf>,
     },
+    /// Set the wall clock of the guest behind a hybrid vsock socket to
+    /// this host's (what the VM process does at boot and after a resume).
+    #[command(name = "__set-guest-time", hide = true)]
+    SetGuestTime { uds: std::path::PathBuf },
+    /// Print the kernel command line words `b2p start` adds for this
+    /// environment's proxy settings (tests).
+    #[command(name = "__proxy-cmdline", hide = true)]
+    ProxyCmdline,
     /// The VM process of a machine (started by `b2p start`).
     #[command(name = RUN_VM, hide = true)]
     RunVm { name: String },
@@ -257,9 +277,10 @@ fn run(command: Command) -> Result<ExitCode> {
             name,
             timeout,
             no_wait,
+            no_proxy_env,
         } => {
             let m = Machine::existing(&name)?;
-            let pid = lifecycle::start(&m, Duration::from_secs(30))?;
+            let pid = lifecycle::start(&m, Duration::from_secs(30), !no_proxy_env)?;
             println!(
                 "Machine {name} started (pid {pid}); console: {}",
                 m.console_log_path().display()
@@ -287,6 +308,11 @@ fn run(command: Command) -> Result<ExitCode> {
                 "export CONTAINER_HOST=unix://{}",
                 m.podman_socket_path().display()
             );
+            // Podman's Docker-compatible API answers on the same socket.
+            println!(
+                "export DOCKER_HOST=unix://{}",
+                m.podman_socket_path().display()
+            );
             println!("export VARLINK_ADDRESS=unix:{}", m.varlink_path().display());
             println!("# Run this command to configure your shell: eval $(b2p env {name})");
         }
@@ -299,6 +325,15 @@ fn run(command: Command) -> Result<ExitCode> {
             println!("{addr}");
         }
         Command::Ssh { name, command } => ssh::ssh(&Machine::existing(&name)?, &command)?,
+        Command::Set { name, options } => {
+            let changed = lifecycle::set(&Machine::existing(&name)?, options)?;
+            if changed.is_empty() {
+                println!("Machine {name}: nothing changed");
+            }
+            for c in changed {
+                println!("Machine {name}: {c}");
+            }
+        }
         Command::Rm { name, force } => {
             lifecycle::remove(&Machine::existing(&name)?, force)?;
             println!("Machine {name} removed");
@@ -322,6 +357,11 @@ fn run(command: Command) -> Result<ExitCode> {
             b2p_vmm::seccomp::apply(b2p_vmm::seccomp::Role::Ports)?;
             ports::Forwarder::new(uds, state).run()
         }
+        Command::SetGuestTime { uds } => {
+            let off = clock::set_guest_time(&uds)?;
+            println!("guest clock set from the host's (it was {off:+.3} s off)");
+        }
+        Command::ProxyCmdline => println!("{}", proxy::from_env()?.trim_start()),
         Command::RunVm { name } => lifecycle::run_vm(&Machine::existing(&name)?)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -257,12 +257,29 @@ impl Forwarder {
         }
         self.capped = over;
         let before = self.ports.len();
-        self.ports.retain(|port, f| {
-            want.get(port).is_some_and(|(ip, cport, name)| {
-                (ip, cport, name) == (&f.host_ip, &f.container_port, &f.container)
-            })
+        let mut changed = false;
+        // Kept while the host addresses stay: another container on the
+        // same host port only changes what ports.json says.
+        let mut moved = std::collections::BTreeSet::new();
+        self.ports.retain(|port, f| match want.get(port) {
+            Some((ip, _, _)) if *ip != f.host_ip => {
+                moved.insert(*port);
+                false
+            }
+            Some((_, cport, name)) => {
+                if (cport, name) != (&f.container_port, &f.container) {
+                    (f.container_port, f.container) = (*cport, name.clone());
+                    changed = true;
+                }
+                true
+            }
+            None => false,
         });
-        let mut changed = before != self.ports.len();
+        changed |= before != self.ports.len();
+        if !moved.is_empty() {
+            // The old listeners close as their accept threads wake.
+            std::thread::sleep(Duration::from_millis(50));
+        }
         for (port, (ip, cport, name)) in want {
             if self.ports.contains_key(&port) {
                 continue;

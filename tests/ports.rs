@@ -8,8 +8,9 @@
 //! host listening soon after `podman run -d` returns (3 s bound under TCG,
 //! the page within 5 s), two ports at once, a host
 //! port already taken (one log line, shown in ports.json, the others still
-//! work), refusal within 1 s of `podman stop` returning; a throughput figure
-//! through the forward is printed.
+//! work), a loopback HOSTIP (`-p 127.0.0.2:8083:80` answers on the host's
+//! 127.0.0.2, not on 127.0.0.1), refusal within 1 s of `podman stop`
+//! returning; a throughput figure through the forward is printed.
 
 // Only part of the shared rig is used here.
 #![allow(dead_code)]
@@ -23,13 +24,13 @@ mod vsock;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
-use vsock::VsockGuest;
+use vsock::{hybrid_proxy, VsockGuest};
 
 struct Kill(Child);
 impl Drop for Kill {
@@ -39,45 +40,14 @@ impl Drop for Kill {
     }
 }
 
-/// A Unix socket at `listen` whose connections are joined to guest vsock
-/// `port` through the hybrid socket `uds` (for `podman --remote`).
-fn hybrid_proxy(listen: &Path, uds: PathBuf, port: u32) {
-    let l = UnixListener::bind(listen).expect("binding the podman proxy socket");
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let uds = uds.clone();
-            std::thread::spawn(move || {
-                let Ok(mut g) = UnixStream::connect(&uds) else {
-                    return;
-                };
-                if g.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {
-                    return;
-                }
-                let mut byte = [0u8; 1];
-                let mut line = Vec::new();
-                while g.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-                    line.push(byte[0]);
-                }
-                if !line.starts_with(b"OK ") {
-                    return;
-                }
-                let (mut c2, mut g2) = (c.try_clone().unwrap(), g.try_clone().unwrap());
-                let up = std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c2, &mut g2);
-                    let _ = g2.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut c3, mut g3) = (c, g);
-                let _ = std::io::copy(&mut g3, &mut c3);
-                let _ = c3.shutdown(std::net::Shutdown::Both);
-                let _ = up.join();
-            });
-        }
-    });
-}
-
 /// GET `path` from 127.0.0.1:`port`: the body, or why not.
 fn http_get(port: u16, path: &str) -> Result<Vec<u8>, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// GET `path` from `ip`:`port`.
+fn http_get_at(ip: &str, port: u16, path: &str) -> Result<Vec<u8>, String> {
+    let mut s = TcpStream::connect((ip, port)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(20))).ok();
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .map_err(|e| e.to_string())?;
@@ -291,6 +261,11 @@ fn published_ports_reach_the_hosts_loopback_under_qemu_tcg() {
 
     // 2. Two more: 8081 works; 8082 is taken on the host (one log line).
     httpd("web2", "8081:80", "page-8081");
+    let listening2 = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&state)
+            .unwrap_or_default()
+            .contains("127.0.0.1:8081")
+    });
     httpd("web3", "8082:80", "page-8082");
     let up2 = wait_until(Duration::from_secs(30), || {
         page(8081).as_deref() == Some("page-8081")
@@ -329,6 +304,34 @@ fn published_ports_reach_the_hosts_loopback_under_qemu_tcg() {
     assert!(entry["error"].is_string(), "{st}");
     assert!(st["ports"].to_string().contains("127.0.0.1:8081"), "{st}");
     drop(taken);
+
+    // A loopback HOSTIP: `-p 127.0.0.2:8083:80` is the host's 127.0.0.2
+    // alone (src/ports.rs bind_addrs).
+    httpd("web4", "127.0.0.2:8083:80", "page-8083");
+    let listening4 = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&state)
+            .unwrap_or_default()
+            .contains("127.0.0.2:8083")
+    });
+    let up4 = wait_until(Duration::from_secs(30), || {
+        http_get_at("127.0.0.2", 8083, "/")
+            .is_ok_and(|b| String::from_utf8_lossy(&b).trim() == "page-8083")
+    });
+    assert!(
+        up4.is_some(),
+        "127.0.0.2:8083 never answered: {:?}; ports.json: {}",
+        http_get_at("127.0.0.2", 8083, "/"),
+        std::fs::read_to_string(&state).unwrap_or_default()
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", 8083)).is_err(),
+        "127.0.0.1:8083 answers for a container published on 127.0.0.2"
+    );
+    eprintln!(
+        "MEASURE: the host listened on 127.0.0.1:8081 {:?} and 127.0.0.2:8083 {:?} after run -d returned",
+        listening2.map(|d| d.as_secs_f64()),
+        listening4.map(|d| d.as_secs_f64())
+    );
 
     // Throughput: 16 MiB through the forward.
     let t = Instant::now();

@@ -374,4 +374,29 @@ fn a_hostip_that_is_not_local_is_refused() {
         json!([format!("127.0.0.2:{}", p[4])])
     );
     assert_eq!(echo_through(p[3]), "ping");
+
+    // The guest moves p[3] to 127.0.0.2 and renames p[1]'s container: the
+    // first is listened on there alone, the second keeps its listener.
+    let mut renamed = record("0.0.0.0", p[1]);
+    renamed["container"] = json!("renamed");
+    rig.agent.send(vec![renamed, record("127.0.0.2", p[3])]);
+    let t = Instant::now();
+    while !rig
+        .state()
+        .iter()
+        .any(|e| e["host_port"] == p[3] && e["listening"] == json!([format!("127.0.0.2:{}", p[3])]))
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", rig.state());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(listens(v4([127, 0, 0, 2], p[3])));
+    assert!(!listens(v4([127, 0, 0, 1], p[3])));
+    let st = rig.state();
+    assert_eq!(st.len(), 2, "{st:?}");
+    let e1 = st.iter().find(|e| e["host_port"] == p[1]).unwrap();
+    assert_eq!(e1["container"], "renamed");
+    assert!(listens(v4([127, 0, 0, 1], p[1])));
+    for gone in [p[0], p[2], p[4]] {
+        assert!(!listens(v4([127, 0, 0, 1], gone)) && !listens(v4([127, 0, 0, 2], gone)));
+    }
 }

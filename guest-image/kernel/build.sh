@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the b2p guest kernel from Debian trixie's linux-source-6.12 with our
-# config (guest-image/kernel/b2p.config over `make allnoconfig`; no modules).
+# config (guest-image/kernel/b2p.config over `make allnoconfig`; no modules)
+# and our patches (guest-image/kernel/patches/*.patch, applied in name order).
 #
 #   guest-image/kernel/build.sh [--deb PATH] [--out DIR] [--force]
 #
@@ -17,10 +18,12 @@
 #   --out DIR   also copy the outputs to DIR and print DIR (default: print the
 #               cache directory $B2P_CACHE/kernel/<key>)
 #   --force     rebuild even when the cache has this key
-# The key is the sha256 of: the .deb's sha256, b2p.config's sha256, the base
-# config (allnoconfig), the gcc and make versions and this recipe's version.
+# The key is the sha256 of: the .deb's sha256, b2p.config's sha256, the
+# patches' sha256, the base config (allnoconfig), the gcc and make versions
+# and this recipe's version.
 # Same key: nothing is built (it says so). The unpacked source tree is kept in
-# $B2P_CACHE/kernel/tree for incremental rebuilds from the same .deb.
+# $B2P_CACHE/kernel/tree for incremental rebuilds from the same .deb and
+# patches.
 # Environment: B2P_CACHE (~/.cache/b2p), B2P_DEBIAN_MIRROR, B2P_SECURITY_MIRROR,
 #   B2P_KERNEL_JOBS (default: nproc).
 set -euo pipefail
@@ -30,6 +33,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${B2P_CACHE:-$HOME/.cache/b2p}
 KCACHE=$CACHE/kernel
 FRAGMENT=$HERE/b2p.config
+PATCHES=$HERE/patches
 BASE=allnoconfig
 RECIPE=1 # bump when this script changes what it produces
 MIRROR=${B2P_DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -43,7 +47,7 @@ while (($#)); do
     --deb) [ $# -ge 2 ] || die "--deb needs a path"; DEB=$2; shift ;;
     --out) [ $# -ge 2 ] || die "--out needs a directory"; OUTDIR=$2; shift ;;
     --force) FORCE=1 ;;
-    -h|--help) sed -n '2,26p' "$0" >&2; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" >&2; exit 0 ;;
     *) die "unknown argument $1" ;;
   esac
   shift
@@ -54,7 +58,7 @@ STEP=0; NSTEPS=5
 step() { STEP=$((STEP+1)); printf '==> kernel [%d/%d] %s (at %ds)\n' "$STEP" "$NSTEPS" "$*" $(($(date +%s) - T0)) >&2; }
 info() { echo "    $*" >&2; }
 
-for t in gcc make bc bison flex xz tar dpkg-deb sha256sum objcopy readelf lz4 perl; do
+for t in gcc make bc bison flex xz tar dpkg-deb sha256sum objcopy readelf lz4 perl patch; do
   command -v "$t" >/dev/null || die "$t missing: run guest-image/install-deps.sh"
 done
 [ -f /usr/include/libelf.h ] || die "libelf-dev missing: run guest-image/install-deps.sh"
@@ -109,8 +113,9 @@ fi
 DEB_SHA=$(sha256sum <"$DEB" | cut -d' ' -f1)
 info "$(basename "$DEB") sha256 $DEB_SHA"
 
-KEYTEXT=$(printf 'deb %s\nfragment %s\nbase %s\ngcc %s\nmake %s\nrecipe %s\n' \
-  "$DEB_SHA" "$(sha256sum <"$FRAGMENT" | cut -d' ' -f1)" "$BASE" \
+PATCH_SHA=$(cd "$PATCHES" && find . -name '*.patch' | LC_ALL=C sort | xargs -r sha256sum | sha256sum | cut -d' ' -f1)
+KEYTEXT=$(printf 'deb %s\nfragment %s\npatches %s\nbase %s\ngcc %s\nmake %s\nrecipe %s\n' \
+  "$DEB_SHA" "$(sha256sum <"$FRAGMENT" | cut -d' ' -f1)" "$PATCH_SHA" "$BASE" \
   "$(gcc --version | sed -n 1p)" "$(make --version | sed -n 1p)" "$RECIPE")
 KEY=$(printf '%s\n' "$KEYTEXT" | sha256sum | cut -d' ' -f1 | cut -c1-16)
 DEST=$KCACHE/$KEY
@@ -132,7 +137,7 @@ fi
 # ---------------------------------------------------------------- unpack
 step "unpack the source"
 TREE=$KCACHE/tree
-if [ -f "$TREE/.b2p-deb" ] && [ "$(cat "$TREE/.b2p-deb")" = "$DEB_SHA" ] && [ -f "$TREE/Makefile" ]; then
+if [ -f "$TREE/.b2p-deb" ] && [ "$(cat "$TREE/.b2p-deb")" = "$DEB_SHA $PATCH_SHA" ] && [ -f "$TREE/Makefile" ]; then
   info "reusing the unpacked tree $TREE (incremental build)"
 else
   rm -rf "$TREE" "$TREE.new"; mkdir -p "$TREE.new"
@@ -142,7 +147,11 @@ else
     || die "cannot unpack $(basename "$DEB")"
   # The build date inside the kernel: the tarball's date in the .deb.
   dpkg-deb -c "$DEB" | awk -v t="$tarball" '$NF == t {print $4}' >"$TREE.new/.b2p-date"
-  echo "$DEB_SHA" >"$TREE.new/.b2p-deb"
+  for p in $(cd "$PATCHES" && find . -name '*.patch' | LC_ALL=C sort); do
+    info "patch ${p#./}"
+    patch -d "$TREE.new" -p1 -s --no-backup-if-mismatch <"$PATCHES/$p" || die "patch $p does not apply"
+  done
+  echo "$DEB_SHA $PATCH_SHA" >"$TREE.new/.b2p-deb"
   mv "$TREE.new" "$TREE"
 fi
 

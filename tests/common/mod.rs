@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests that start real VMs: finding (or
 //! building) the `b2p-vmm` binary, KVM availability and loud skips, scratch
 //! directories, running the monitor with a deadline, and the probe guest's
-//! command line; [`require`] makes skips fail where `B2P_REQUIRE` says so.
+//! command line; [`require`] makes skips fail where `B2P_REQUIRE` says so,
+//! [`home`] runs the manager `b2p` on a private machines directory.
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
@@ -13,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod home;
 pub mod require;
 
 /// Prints the loud skip line the test rules ask for, straight to stderr

@@ -25,6 +25,43 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// A Unix socket at `listen` whose connections are joined to guest vsock
+/// `port` through the hybrid socket `uds` (for `podman --remote`).
+#[allow(dead_code)]
+pub fn hybrid_proxy(listen: &Path, uds: PathBuf, port: u32) {
+    let l = std::os::unix::net::UnixListener::bind(listen).expect("binding the proxy socket");
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let uds = uds.clone();
+            std::thread::spawn(move || {
+                let Ok(mut g) = UnixStream::connect(&uds) else {
+                    return;
+                };
+                if g.write_all(format!("CONNECT {port}\n").as_bytes()).is_err() {
+                    return;
+                }
+                let mut byte = [0u8; 1];
+                let mut line = Vec::new();
+                while g.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                if !line.starts_with(b"OK ") {
+                    return;
+                }
+                let (mut c2, mut g2) = (c.try_clone().unwrap(), g.try_clone().unwrap());
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut g2);
+                    let _ = g2.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut c3, mut g3) = (c, g);
+                let _ = std::io::copy(&mut g3, &mut c3);
+                let _ = c3.shutdown(std::net::Shutdown::Both);
+                let _ = up.join();
+            });
+        }
+    });
+}
+
 /// One running guest; QEMU and the vsock backend are killed on drop.
 pub struct VsockGuest {
     qemu: Child,
@@ -54,10 +91,22 @@ impl VsockGuest {
         disk: &Path,
         cmdline: &str,
     ) -> VsockGuest {
+        VsockGuest::boot_with(vhost_bin, kernel, initrd, disk, cmdline, &[])
+    }
+
+    /// [`VsockGuest::boot`] with more QEMU arguments (a `-netdev`, say).
+    pub fn boot_with(
+        vhost_bin: &Path,
+        kernel: &Path,
+        initrd: &Path,
+        disk: &Path,
+        cmdline: &str,
+        qemu_args: &[String],
+    ) -> VsockGuest {
         let mut tries = 0;
         loop {
             tries += 1;
-            let mut g = VsockGuest::boot_once(vhost_bin, kernel, initrd, disk, cmdline);
+            let mut g = VsockGuest::boot_once(vhost_bin, kernel, initrd, disk, cmdline, qemu_args);
             while g.started.elapsed() < EARLY_BOOT && g.exited().is_none() {
                 if g.console().contains("Run /init") {
                     return g;
@@ -85,6 +134,7 @@ impl VsockGuest {
         initrd: &Path,
         disk: &Path,
         cmdline: &str,
+        qemu_args: &[String],
     ) -> VsockGuest {
         let dir = tempfile_dir("b2p-vsock-guest");
         let vhost_sock = dir.join("vhost.sock");
@@ -139,6 +189,7 @@ impl VsockGuest {
             .arg("-chardev")
             .arg(format!("socket,id=c0,path={}", vhost_sock.display()))
             .args(["-device", "vhost-user-vsock-device,chardev=c0"])
+            .args(qemu_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("qemu.log")).unwrap())

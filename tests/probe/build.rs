@@ -26,6 +26,8 @@ const SOURCES: &[&str] = &[
     "blk.c",
     "net.c",
     "vsock.c",
+    "balloon.c",
+    "fs.c",
     "smp.c",
     "flood.c",
 ];

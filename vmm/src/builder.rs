@@ -155,13 +155,13 @@ pub fn create_vm(config: &VmConfig) -> Result<(Kvm, VmFd, GuestMemoryMmap)> {
             max,
         });
     }
-    let mem =
-        GuestMemoryMmap::from_ranges(&ram_regions(config.memory_bytes())).map_err(|source| {
-            Error::Memory {
-                mib: config.memory_mib,
-                source,
-            }
-        })?;
+    // vhost-user backends map guest memory themselves: a shared memfd.
+    let shared = config.shared_memory || !config.fs.is_empty();
+    let mem = crate::memory::create(
+        &ram_regions(config.memory_bytes()),
+        config.memory_mib,
+        shared,
+    )?;
     crate::kvm::register_memory(&vm_fd, &mem)?;
     crate::kvm::create_irqchip(&vm_fd)?;
     Ok((kvm, vm_fd, mem))
@@ -236,8 +236,9 @@ pub struct Devices {
     /// Set when stdin is a terminal the console reads (fires when the
     /// serial FIFO drains).
     pub input_ready: Option<EventFd>,
-    /// The passt processes started for `--net passt` (ended when dropped).
-    pub passt: Vec<crate::passt::Passt>,
+    /// The helper processes started for `--net passt` and `--fs path=`
+    /// (ended when dropped).
+    pub passt: Vec<crate::child::Helper>,
 }
 
 /// Sets the process umask to 0177 (files and sockets 0600) until dropped.

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{Console, DiskConfig, NetBackend, NetConfig, VsockConfig};
+use crate::config::{Console, DiskConfig, FsBackend, FsConfig, NetBackend, NetConfig, VsockConfig};
 
 /// `stdio`, `none` or `file:PATH`.
 pub fn parse_console(s: &str) -> Result<Console, String> {
@@ -115,6 +115,58 @@ pub fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
         cid: cid.ok_or("missing cid=N")?,
         uds_path: uds.ok_or("missing uds=PATH")?,
     })
+}
+
+/// Splits `s` at single commas; `,,` stands for a literal comma (so a
+/// path may hold one, as in QEMU's option syntax).
+fn split_options(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                cur.push(',');
+            }
+            ',' => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// `tag=TAG,path=DIR[,ro]` or `tag=TAG,socket=PATH` (a `,` inside a path
+/// is written `,,`).
+pub fn parse_fs(s: &str) -> Result<FsConfig, String> {
+    const USAGE: &str = "tag=TAG,path=DIR[,ro] or tag=TAG,socket=PATH";
+    let (mut tag, mut path, mut socket, mut ro) = (None, None, None, false);
+    for opt in split_options(s) {
+        match opt.split_once('=') {
+            None if opt == "ro" => ro = true,
+            Some(("tag", v)) => {
+                b2p_devices::virtio::fs::check_tag(v).map_err(|e| e.to_string())?;
+                tag = Some(v.to_string());
+            }
+            Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+            Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown fs option {opt:?} ({USAGE})")),
+        }
+    }
+    let tag = tag.ok_or(format!("missing tag=TAG ({USAGE})"))?;
+    let backend = match (path, socket) {
+        (Some(path), None) => FsBackend::Folder {
+            path,
+            read_only: ro,
+        },
+        (None, Some(_)) if ro => {
+            return Err("ro needs path=DIR (a running virtiofsd decides for itself)".into())
+        }
+        (None, Some(p)) => FsBackend::Socket(p),
+        _ => return Err(format!("give one of path=DIR and socket=PATH ({USAGE})")),
+    };
+    Ok(FsConfig { tag, backend })
 }
 
 /// `PORT=PATH`.
@@ -232,6 +284,35 @@ mod tests {
         assert!(parse_net("passt,tap=t0").is_err());
         assert!(parse_net("passtx").is_err());
         assert!(parse_net("").is_err());
+    }
+
+    #[test]
+    fn fs() {
+        let f = parse_fs("tag=src,path=/home/u/src").unwrap();
+        assert_eq!(f.tag, "src");
+        assert_eq!(
+            f.backend,
+            FsBackend::Folder {
+                path: "/home/u/src".into(),
+                read_only: false
+            }
+        );
+        let f = parse_fs("tag=d,path=/tmp/a,,b:c,ro").unwrap();
+        assert_eq!(
+            f.backend,
+            FsBackend::Folder {
+                path: "/tmp/a,b:c".into(),
+                read_only: true
+            }
+        );
+        let f = parse_fs("tag=s,socket=/run/vfs.sock").unwrap();
+        assert_eq!(f.backend, FsBackend::Socket("/run/vfs.sock".into()));
+        assert!(parse_fs("path=/x").is_err());
+        assert!(parse_fs("tag=a,path=/x,socket=/y").is_err());
+        assert!(parse_fs("tag=a").is_err());
+        assert!(parse_fs("tag=a:b,path=/x").is_err());
+        assert!(parse_fs("tag=a,socket=/y,ro").is_err());
+        assert!(parse_fs("tag=a,path=/x,rw").is_err());
     }
 
     #[test]

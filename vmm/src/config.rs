@@ -97,6 +97,22 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// Where a virtio-fs device's backend comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FsBackend {
+    /// The monitor starts virtiofsd on this folder (ended with the VM).
+    Folder { path: PathBuf, read_only: bool },
+    /// A virtiofsd already listening here (`virtiofsd --socket-path PATH`).
+    Socket(PathBuf),
+}
+
+/// A virtio-fs device (a host folder the guest mounts by `tag`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsConfig {
+    pub tag: String,
+    pub backend: FsBackend,
+}
+
 /// Everything needed to build a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -119,6 +135,11 @@ pub struct VmConfig {
     /// A virtio-balloon device with free page reporting: the guest gives
     /// the memory it frees back to the host (`--balloon`).
     pub balloon: bool,
+    /// virtio-fs devices (vhost-user; guest memory becomes a shared memfd).
+    pub fs: Vec<FsConfig>,
+    /// Back guest memory with a memfd even with no vhost-user device
+    /// (benches compare its setup cost with anonymous memory).
+    pub shared_memory: bool,
     /// Also announce each virtio-mmio device on the command line
     /// (`virtio_mmio.device=4K@0x...:GSI`), for kernels built with
     /// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; the DSDT announces them anyway,
@@ -148,6 +169,8 @@ impl VmConfig {
             vsock_ports: Vec::new(),
             virtio_rng: false,
             balloon: false,
+            fs: Vec::new(),
+            shared_memory: false,
             virtio_mmio_cmdline: false,
             timings: false,
             start_ns: None,
@@ -216,6 +239,18 @@ impl VmConfig {
         }
         if !self.vsock_ports.is_empty() && self.vsock.is_none() {
             return Err(ConfigError::VsockPortWithoutVsock);
+        }
+        let mut tags: Vec<&str> = Vec::with_capacity(self.fs.len());
+        for f in &self.fs {
+            b2p_devices::virtio::fs::check_tag(&f.tag)
+                .map_err(|e| ConfigError::FsTag(e.to_string()))?;
+            if tags.contains(&f.tag.as_str()) {
+                return Err(ConfigError::FsTagTwice(f.tag.clone()));
+            }
+            tags.push(&f.tag);
+            if let FsBackend::Socket(p) = &f.backend {
+                check_socket_path(p, 0)?;
+            }
         }
         let mut ports: Vec<u32> = self.vsock_ports.iter().map(|(p, _)| *p).collect();
         ports.sort_unstable();
@@ -300,6 +335,10 @@ pub enum ConfigError {
     VsockPortWithoutVsock,
     #[error("vsock port {0} is given twice")]
     VsockPortTwice(u32),
+    #[error("--fs: {0}")]
+    FsTag(String),
+    #[error("--fs tag {0:?} is given twice")]
+    FsTagTwice(String),
 }
 
 /// Fluent construction of a [`VmConfig`], ending in a running [`Vm`].
@@ -356,6 +395,14 @@ impl VmBuilder {
     }
     pub fn virtio_rng(mut self, on: bool) -> Self {
         self.config.virtio_rng = on;
+        self
+    }
+    pub fn fs(mut self, fs: FsConfig) -> Self {
+        self.config.fs.push(fs);
+        self
+    }
+    pub fn shared_memory(mut self, on: bool) -> Self {
+        self.config.shared_memory = on;
         self
     }
     pub fn balloon(mut self, on: bool) -> Self {
@@ -447,6 +494,24 @@ mod tests {
             c.validate(),
             Err(ConfigError::SocketPathTooLong { len: 108, .. })
         ));
+    }
+
+    #[test]
+    fn fs_tags() {
+        let mut c = VmConfig::new("k");
+        let dir = |tag: &str| FsConfig {
+            tag: tag.into(),
+            backend: FsBackend::Folder {
+                path: "/srv".into(),
+                read_only: false,
+            },
+        };
+        c.fs = vec![dir("a"), dir("b")];
+        assert_eq!(c.validate(), Ok(()));
+        c.fs.push(dir("a"));
+        assert_eq!(c.validate(), Err(ConfigError::FsTagTwice("a".into())));
+        c.fs = vec![dir("a:b")];
+        assert!(matches!(c.validate(), Err(ConfigError::FsTag(_))));
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! Where the default guest image lives: the `vmlinuz64` and initramfs that
-//! `guest-image/build.sh` writes to `$B2P_CACHE/image` (default
-//! `~/.cache/b2p/image`), used by `b2p-vmm run` without `--kernel` and by
-//! the `b2p` manager's machines.
+//! Where the default guest image lives: the kernel (`vmlinux`, else
+//! `vmlinuz64`) and initramfs that `guest-image/build.sh` writes to
+//! `$B2P_CACHE/image` (default `~/.cache/b2p/image`), used by `b2p-vmm run`
+//! without `--kernel` and by the `b2p` manager's machines.
 
 use std::path::{Path, PathBuf};
 
@@ -37,11 +37,23 @@ pub fn default_initrd(dir: &Path) -> PathBuf {
     }
 }
 
+/// The kernel to boot from `dir`: the uncompressed ELF `vmlinux` when the
+/// image ships one (booted through its PVH entry, no decompression in the
+/// guest), else the bzImage `vmlinuz64`.
+pub fn default_kernel(dir: &Path) -> PathBuf {
+    let elf = dir.join("vmlinux");
+    if elf.is_file() {
+        elf
+    } else {
+        dir.join("vmlinuz64")
+    }
+}
+
 /// Kernel and initrd of the default image, both checked to exist;
 /// `initrd` overrides the image's initramfs.
 pub fn default_image(initrd: Option<&Path>) -> Result<(PathBuf, PathBuf), ImageError> {
     let dir = default_image_dir()?;
-    let kernel = dir.join("vmlinuz64");
+    let kernel = default_kernel(&dir);
     let initrd = initrd.map_or_else(|| default_initrd(&dir), Path::to_path_buf);
     for f in [&kernel, &initrd] {
         if !f.is_file() {
@@ -56,12 +68,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefers_lz4_and_names_what_is_missing() {
+    fn prefers_lz4_and_vmlinux_and_names_what_is_missing() {
         let dir = std::env::temp_dir().join(format!("b2p-image-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         assert_eq!(default_initrd(&dir), dir.join("boot2podman.gz"));
         std::fs::write(dir.join("boot2podman.lz4"), b"x").unwrap();
         assert_eq!(default_initrd(&dir), dir.join("boot2podman.lz4"));
+        assert_eq!(default_kernel(&dir), dir.join("vmlinuz64"));
+        std::fs::write(dir.join("vmlinux"), b"x").unwrap();
+        assert_eq!(default_kernel(&dir), dir.join("vmlinux"));
         std::fs::remove_dir_all(&dir).unwrap();
         let e = ImageError::Missing("/x/vmlinuz64".into()).to_string();
         assert!(e.contains("/x/vmlinuz64") && e.contains("guest-image/build.sh"));

@@ -32,6 +32,7 @@
 //! [`seccomp`] (per-thread filters).
 
 mod builder;
+mod child;
 pub mod cli;
 pub mod config;
 mod console;
@@ -41,20 +42,31 @@ mod event_loop;
 pub mod image;
 mod kvm;
 pub mod logger;
+mod memory;
 pub mod passt;
 pub mod seccomp;
 pub mod signals;
 mod vcpu;
 mod virtio;
+pub mod virtiofsd;
 mod vm;
 
-pub use config::{Console, DiskConfig, NetBackend, NetConfig, VmBuilder, VmConfig, VsockConfig};
+pub use config::{
+    Console, DiskConfig, FsBackend, FsConfig, NetBackend, NetConfig, VmBuilder, VmConfig,
+    VsockConfig,
+};
 pub use error::{Error, Result};
 pub use vm::{StopHandle, Timings, Vm, VmExit};
 
 /// CLOCK_MONOTONIC in nanoseconds: pass it as [`VmConfig::start_ns`] as
 /// early as possible in `main` so timings count from process start.
 pub use b2p_devices::legacy::boot_timer::monotonic_ns;
+
+/// The locks every VM of a disk image holds (QEMU's OFD byte-range
+/// locks): the manager's `set` takes them before it grows a disk.
+pub mod disk_lock {
+    pub use b2p_devices::virtio::block::lock::{lock_image, LockError};
+}
 
 /// Guest memory type used throughout.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use b2p_devices::virtio::balloon::{Balloon, BalloonConfig};
 use b2p_devices::virtio::block::{Block, BlockConfig};
+use b2p_devices::virtio::fs::Fs;
 use b2p_devices::virtio::net::passt::PasstBackend;
 use b2p_devices::virtio::net::{Net, NetConfig as NetDeviceConfig};
 use b2p_devices::virtio::rng::Rng;
@@ -12,22 +13,22 @@ use b2p_devices::virtio::vsock::device::Vsock;
 use b2p_devices::virtio::vsock::VsockConfig as VsockDeviceConfig;
 use kvm_ioctls::VmFd;
 
-use crate::config::{NetBackend, VmConfig};
+use crate::config::{FsBackend, NetBackend, VmConfig};
 use crate::devices::DeviceManager;
 use crate::error::{Error, Result};
 use crate::event_loop::Manager;
 use crate::GuestMemoryMmap;
 
 /// Create and wire every virtio device of `config`, in a fixed order
-/// (disks, nets, vsock, rng, balloon) so DSDT node names stay stable. The passt
-/// processes started for `--net passt` go to `passt`.
+/// (disks, nets, vsock, fs, rng, balloon) so DSDT node names stay stable. The
+/// helper processes started for `--net passt` and `--fs path=` go to `passt`.
 pub fn add_devices(
     config: &VmConfig,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     events: &mut Manager,
     devices: &mut DeviceManager,
-    passt: &mut Vec<crate::passt::Passt>,
+    passt: &mut Vec<crate::child::Helper>,
 ) -> Result<()> {
     for disk in &config.disks {
         let name = format!("disk {}", disk.path.display());
@@ -79,6 +80,28 @@ pub fn add_devices(
         )
         .map_err(|e| Error::Device(format!("virtio-vsock: {e}")))?;
         devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(vsock)), "virtio-vsock")?;
+    }
+    for f in &config.fs {
+        let fs_err = |e: &dyn std::fmt::Display| Error::Device(format!("--fs tag={}: {e}", f.tag));
+        let sock = match &f.backend {
+            FsBackend::Folder { path, read_only } => {
+                let (sock, process) =
+                    crate::virtiofsd::spawn(path, *read_only).map_err(|e| fs_err(&e))?;
+                log::info!(
+                    "--fs tag={}: started virtiofsd on {}{}, pid {}",
+                    f.tag,
+                    path.display(),
+                    if *read_only { " (read-only)" } else { "" },
+                    process.pid()
+                );
+                passt.push(process);
+                sock
+            }
+            FsBackend::Socket(path) => crate::virtiofsd::connect(path).map_err(|e| fs_err(&e))?,
+        };
+        let fs = Fs::new(&f.tag, sock).map_err(|e| fs_err(&e))?;
+        let name = format!("virtio-fs {}", f.tag);
+        devices.add_virtio(vm, mem, events, Arc::new(Mutex::new(fs)), &name)?;
     }
     if config.virtio_rng {
         let rng = Rng::new().map_err(|e| Error::Device(format!("virtio-rng: {e}")))?;

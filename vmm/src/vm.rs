@@ -195,8 +195,9 @@ pub struct Vm {
     // Keep KVM objects and guest memory alive until the vCPU threads are gone.
     _vm_fd: Arc<kvm_ioctls::VmFd>,
     _mem: GuestMemoryMmap,
-    /// `--net passt` processes, ended after the devices (dropped after teardown).
-    _passt: Vec<crate::passt::Passt>,
+    /// `--net passt` and `--fs path=` processes, ended after the devices
+    /// (dropped after teardown).
+    _passt: Vec<crate::child::Helper>,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {

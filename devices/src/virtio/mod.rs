@@ -30,6 +30,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod fs;
 pub mod iovec;
 pub mod mmio;
 pub mod net;
@@ -59,6 +60,7 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     pub const RNG: u32 = 4;
     pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
 }
 
 /// The interrupt line of one virtio-mmio device: the InterruptStatus

@@ -5,8 +5,12 @@
 //! relay vsock port (1026): the host writes one line `TCP <hostport>\n` and
 //! the connection is joined to that published port in the guest (where
 //! netavark's DNAT answers), with half-closes as in `forward`.
+//!
+//! A change reaches the host after one listing (`GET containers/json`);
+//! each new container's address (an inspect) is looked up right after,
+//! while the host opens its listener, and kept by container Id.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -126,6 +130,8 @@ pub fn parse_list(list: &Value) -> (Vec<Port>, usize) {
 /// The current set, `None` until it was first listed.
 pub struct Ports {
     tx: watch::Sender<Option<Vec<Port>>>,
+    /// Container addresses by Id (the running containers' only).
+    ips: std::sync::Mutex<HashMap<String, IpAddr>>,
 }
 
 impl Default for Ports {
@@ -138,7 +144,26 @@ impl Ports {
     pub fn new() -> Self {
         Self {
             tx: watch::channel(None).0,
+            ips: Default::default(),
         }
+    }
+
+    fn ips(&self) -> std::sync::MutexGuard<'_, HashMap<String, IpAddr>> {
+        self.ips.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `ports` with the addresses known; the Ids still to look up.
+    fn with_known_ips(&self, ports: &mut [Port]) -> Vec<String> {
+        let mut ips = self.ips();
+        ips.retain(|id, _| ports.iter().any(|p| &p.id == id));
+        let mut missing = Vec::new();
+        for p in ports {
+            p.container_ip = ips.get(&p.id).copied();
+            if p.container_ip.is_none() && !missing.contains(&p.id) {
+                missing.push(p.id.clone());
+            }
+        }
+        missing
     }
 
     fn current(&self) -> Option<Vec<Port>> {
@@ -165,18 +190,33 @@ async fn list(podman: &PodmanService) -> Result<Vec<Port>, String> {
         .json(Method::GET, &format!("{API}/containers/json"), None)
         .await
         .map_err(|e| e.to_string())?;
-    let (mut ports, cut) = parse_list(&v);
+    let (ports, cut) = parse_list(&v);
     if cut > 0 {
         warn!("containers publish more than {MAX_PORTS} ports: {cut} not forwarded");
     }
-    let mut ips: std::collections::HashMap<String, Option<IpAddr>> = Default::default();
-    for p in &mut ports {
-        if !ips.contains_key(&p.id) {
-            ips.insert(p.id.clone(), container_ip(podman, &p.id).await);
-        }
-        p.container_ip = ips.get(&p.id).copied().flatten();
-    }
     Ok(ports)
+}
+
+/// Lists the ports and tells the host at once; then looks up the new
+/// containers' addresses (for the relay) and sets them.
+async fn refresh(agent: &Agent) {
+    let podman = agent.podman().service();
+    let mut ports = match list(podman).await {
+        Ok(p) => p,
+        Err(e) => return debug!("listing published ports: {e}"),
+    };
+    let missing = agent.ports().with_known_ips(&mut ports);
+    agent.ports().set(ports.clone());
+    if missing.is_empty() {
+        return;
+    }
+    for id in missing {
+        if let Some(ip) = container_ip(podman, &id).await {
+            agent.ports().ips().insert(id, ip);
+        }
+    }
+    agent.ports().with_known_ips(&mut ports);
+    agent.ports().set(ports);
 }
 
 /// A container's address: `NetworkSettings.IPAddress`, else that of its
@@ -221,11 +261,7 @@ pub async fn follow(agent: Arc<Agent>) {
             }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let podman = agent.podman().service();
-        match list(podman).await {
-            Ok(p) => agent.ports().set(p),
-            Err(e) => debug!("listing published ports: {e}"),
-        }
+        refresh(&agent).await;
         let Ok(Ok(resp)) = events.await else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
@@ -236,10 +272,7 @@ pub async fn follow(agent: Arc<Agent>) {
                 Ok(Some(Ok(_))) | Err(_) => {}
                 Ok(_) => break,
             }
-            match list(podman).await {
-                Ok(p) => agent.ports().set(p),
-                Err(e) => debug!("listing published ports: {e}"),
-            }
+            refresh(&agent).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -301,7 +334,7 @@ where
         debug!("relay: no valid request line");
         return;
     };
-    let Some(p) = agent
+    let Some(mut p) = agent
         .ports()
         .current()
         .into_iter()
@@ -311,6 +344,10 @@ where
         debug!("relay: port {port} is not published");
         return;
     };
+    if p.container_ip.is_none() {
+        // A connection before `refresh` found the address.
+        p.container_ip = container_ip(agent.podman().service(), &p.id).await;
+    }
     for target in p.targets() {
         match tokio::net::TcpStream::connect(target).await {
             Ok(up) => return crate::forward::join(client, up).await,

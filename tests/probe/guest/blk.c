@@ -170,9 +170,18 @@ void virtio_run_all(void)
 			if (cmdline_flag("probe.net"))
 				virtio_net_test(d);
 			break;
+		case VIRTIO_ID_BALLOON: {
+			u64 mib;
+			if (cmdline_u64("probe.balloon", &mib))
+				virtio_balloon_test(d, mib);
+			break;
+		}
 		case VIRTIO_ID_VSOCK:
 			if (cmdline_str("probe.vsock_echo") || cmdline_str("probe.vsock_connect"))
 				virtio_vsock_test(d);
+			break;
+		case VIRTIO_ID_FS:
+			virtio_fs_test(d);
 			break;
 		}
 	}

@@ -101,7 +101,9 @@ static const char *id_name(u32 id)
 	case VIRTIO_ID_NET: return "net";
 	case VIRTIO_ID_BLOCK: return "blk";
 	case VIRTIO_ID_RNG: return "rng";
+	case VIRTIO_ID_BALLOON: return "balloon";
 	case VIRTIO_ID_VSOCK: return "vsock";
+	case VIRTIO_ID_FS: return "fs";
 	case 0: return "none";
 	default: return "other";
 	}

@@ -11,11 +11,13 @@
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_BALLOON 5
 #define VIRTIO_ID_VSOCK 19
+#define VIRTIO_ID_FS 26
 
 #define VIRTIO_F_VERSION_1 (1UL << 32)
 
-#define VQ_MAX 3
+#define VQ_MAX 4
 #define VQ_SIZE 16
 
 #define VRING_DESC_F_NEXT 1
@@ -109,6 +111,8 @@ void virtio_rng_test(struct vdev *d);
 void virtio_blk_test(struct vdev *d, const char *mode);
 void virtio_net_test(struct vdev *d);
 void virtio_vsock_test(struct vdev *d);
+void virtio_balloon_test(struct vdev *d, u64 mib);
+void virtio_fs_test(struct vdev *d);
 void virtio_run_all(void);
 
 /* Deterministic pattern shared with the host test (xorshift64*). */

@@ -3,7 +3,8 @@
 //! `b2p-vmm run --kernel K --initrd I [--cmdline S] [--memory MiB] [--cpus N]
 //! [--console stdio|file:PATH|none] [--boot-timer] [--disk PATH[,ro][,serial=S]]...
 //! [--net tap=NAME|passt[=PATH][,mac=M]]... [--vsock cid=N,uds=PATH] [--vsock-port PORT=PATH]...
-//! [--virtio-rng] [--balloon] [--virtio-mmio-cmdline] [--timings] [--no-seccomp]`
+//! [--virtio-rng] [--balloon] [--fs tag=T,path=DIR[,ro]|tag=T,socket=PATH]... [--virtio-mmio-cmdline]
+//! [--timings] [--no-seccomp]`
 //!
 //! Exit status 0 when the guest shuts down (power-off, reset, a triple
 //! fault after it wrote to the console) or on SIGTERM/SIGINT/SIGHUP/SIGQUIT
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use b2p_vmm::signals::StopSignals;
 use b2p_vmm::{
-    cli, image, monotonic_ns, Console, DiskConfig, NetConfig, Vm, VmConfig, VsockConfig,
+    cli, image, monotonic_ns, Console, DiskConfig, FsConfig, NetConfig, Vm, VmConfig, VsockConfig,
 };
 use clap::{Args, Parser, Subcommand};
 
@@ -92,6 +93,15 @@ struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom
     #[arg(long)]
     virtio_rng: bool,
+    /// A host folder over virtio-fs (repeatable): path=DIR starts virtiofsd
+    /// on it (ended with the VM; ro: read-only), socket=PATH joins a running
+    /// one. The guest mounts it with `mount -t virtiofs TAG DIR`. A `,` in a
+    /// path is written `,,`
+    #[arg(long, value_name = "tag=TAG,path=DIR[,ro]|tag=TAG,socket=PATH", value_parser = cli::parse_fs)]
+    fs: Vec<FsConfig>,
+    /// Back guest memory with a shared memfd even without --fs (for benches)
+    #[arg(long, hide = true)]
+    shared_memory: bool,
     /// A virtio-balloon device: the guest's free page reporting gives the
     /// memory it frees back to the host; its memory statistics are logged
     /// every 30 s (B2P_LOG=info)
@@ -140,6 +150,8 @@ fn run(args: RunArgs, start_ns: u64, signals: StopSignals) -> anyhow::Result<()>
         vsock_ports: args.vsock_port,
         virtio_rng: args.virtio_rng,
         balloon: args.balloon,
+        fs: args.fs,
+        shared_memory: args.shared_memory,
         virtio_mmio_cmdline: args.virtio_mmio_cmdline,
         timings,
         start_ns: Some(start_ns),

@@ -8,4 +8,7 @@ if [ ! -x /usr/bin/b2p-agent ]; then
   echo "b2p-agent: /usr/bin/b2p-agent is not in this image"
   exit 0
 fi
+# The host's proxy settings (the init writes them from b2p.proxy.*): the
+# agent and the Podman service it starts pull through that proxy.
+[ -r /etc/profile.d/b2p-proxy.sh ] && . /etc/profile.d/b2p-proxy.sh
 exec /usr/bin/b2p-agent --podman-at-start
