@@ -96,40 +96,10 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let b2p = Path::new(env!("CARGO_BIN_EXE_b2p"));
-    let out = Command::new(b2p)
-        .args([
-            "create",
-            "fsb",
-            "--disk-size",
-            "512",
-            "--volume",
-            "none",
-            "--kernel",
-        ])
-        .arg(&kernel)
-        .env("XDG_DATA_HOME", &dir)
-        .output()
-        .expect("b2p create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let machine = dir.join("b2p/machines/fsb");
-    let fs_args: Vec<String> = vec![
-        "-chardev".into(),
-        format!("socket,id=fs0,path={}", sock.display()),
-        "-device".into(),
-        "vhost-user-fs-device,chardev=fs0,tag=vol".into(),
-    ];
-    let mut g = VsockGuest::boot_with(
-        &vhost,
-        &kernel,
-        &initrd,
-        &machine.join("disk.raw"),
-        "b2p.ip=off b2p.fs=vol:/data",
-        &fs_args,
-    );
+    let args = ["--disk-size", "512", "--volume", "none"];
+    let machine = create_machine(&dir, "fsb", &args, &kernel);
+    let disk = machine.join("disk.raw");
+    let mut g = VsockGuest::boot_virtiofs(&vhost, &kernel, &initrd, &disk, &sock);
     if let Err(e) = g.wait_call(
         "io.podman.GetVersion",
         Duration::from_secs(600),

@@ -53,21 +53,9 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    if let Err(reason) = kvm_usable() {
-        return skip("bench memfd", &reason);
-    }
-    let vmm = match vmm_binary() {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("bench memfd: no b2p-vmm binary: {e}");
-            std::process::exit(1);
-        }
+    let Some((vmm, runs)) = bench_start("bench memfd") else {
+        return;
     };
-    let runs: usize = std::env::var("B2P_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
-        .max(1);
     let dir = TempDir::new("bench-memfd");
     let kernel = probe_kernel(&dir);
     let share = dir.join("share");

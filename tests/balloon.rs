@@ -290,41 +290,14 @@ fn qemu_pid(g: &vsock::VsockGuest) -> Option<u32> {
 #[test]
 fn the_image_kernel_gives_a_containers_500_mib_back_to_qemus_balloon() {
     let test = "the_image_kernel_gives_a_containers_500_mib_back_to_qemus_balloon";
-    let Some((kernel, initrd)) = support::image() else {
+    let Some((kernel, initrd, vhost)) = vsock::ssh_rig(test) else {
         return;
     };
-    let initrd = support::lz4_initrd().unwrap_or(initrd);
-    if !support::have_tool("qemu-system-x86_64") {
-        return support::skip(&format!(
-            "{test}: QEMU is not installed (apt-get install qemu-system-x86)"
-        ));
-    }
-    let Some(vhost) = vsock::find_tool("vhost-device-vsock") else {
-        return support::skip(&format!(
-            "{test}: vhost-device-vsock is missing (cargo install vhost-device-vsock)"
-        ));
-    };
-    for t in ["ssh", "ssh-keygen", "timeout"] {
-        if !support::have_tool(t) {
-            return support::skip(&format!("{test}: {t} not installed"));
-        }
-    }
     let _lock = support::boot_lock();
     let dir = support::tempfile_dir("b2p-balloon");
     let b2p = Path::new(env!("CARGO_BIN_EXE_b2p"));
-    let out = Command::new(b2p)
-        .args(["create", "bal", "--network", "none", "--disk-size", "2048"])
-        .arg("--kernel")
-        .arg(&kernel)
-        .env("XDG_DATA_HOME", &dir)
-        .output()
-        .expect("run b2p create");
-    assert!(
-        out.status.success(),
-        "b2p create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let machine = dir.join("b2p/machines/bal");
+    let args = ["--network", "none", "--disk-size", "2048"];
+    let machine = support::create_machine(&dir, "bal", &args, &kernel);
     let key = machine.join("id_ed25519");
     // 2 GiB of guest memory (VsockGuest's memfd), QEMU's own balloon.
     let mut g = vsock::VsockGuest::boot_with(
@@ -338,22 +311,9 @@ fn the_image_kernel_gives_a_containers_500_mib_back_to_qemus_balloon() {
             "virtio-balloon-device,free-page-reporting=on".into(),
         ],
     );
-    g.wait_call(
-        "io.podman.GetVersion",
-        Duration::from_secs(600),
-        Duration::from_secs(60),
-    )
-    .unwrap_or_else(|e| panic!("the agent never answered: {e}\n{}", g.console()));
+    g.wait_agent("io.podman.GetVersion", Duration::from_secs(60));
     let pid = qemu_pid(&g).unwrap_or_else(|| panic!("no QEMU process found\n{}", g.console()));
-    let ssh = |g: &vsock::VsockGuest, script: &str, secs: u32| {
-        let o = g.ssh(b2p, &key, "tc", script, secs);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (o.status.success(), text)
-    };
+    let ssh = |g: &vsock::VsockGuest, script: &str, secs: u32| g.ssh_tc(b2p, &key, script, secs);
     let (ok, drv) = ssh(&g, "ls /sys/bus/virtio/drivers/virtio_balloon/", 300);
     assert!(
         ok && drv.contains("virtio"),
@@ -432,11 +392,6 @@ fn the_image_kernel_gives_a_containers_500_mib_back_to_qemus_balloon() {
         after / MIB,
         g.console()
     );
-    let _ = g.call(
-        "io.b2p.Machine.Shutdown",
-        serde_json::json!({}),
-        Duration::from_secs(60),
-    );
-    let _ = g.wait_exit(Duration::from_secs(120));
+    g.try_shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }

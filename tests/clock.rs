@@ -29,7 +29,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use support::*;
-use vsock::{find_tool, VsockGuest};
+use vsock::{ssh_rig, VsockGuest};
 
 fn host_now() -> f64 {
     SystemTime::now()
@@ -77,21 +77,9 @@ fn qmp(sock: &Path, command: &str) -> Result<serde_json::Value, String> {
 /// only makes the guest look further behind, so the largest difference is
 /// the best estimate; returns (largest, smallest).
 fn guest_offset(g: &VsockGuest, b2p: &Path, key: &Path) -> Result<(f64, f64), String> {
-    let proxy = format!("{} __vsock-proxy {} 22", b2p.display(), g.uds().display());
-    let mut child = Command::new("timeout")
-        .arg("300")
-        .arg("ssh")
-        .arg("-i")
-        .arg(key)
-        .args(["-o", "StrictHostKeyChecking=no"])
-        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
-        .args(["-o", "ConnectTimeout=120"])
-        .arg("-o")
-        .arg(format!("ProxyCommand={proxy}"))
-        .arg("tc@b2p-guest")
-        .arg("for i in 1 2 3 4 5 6 7 8 9 10; do date +%s.%N; sleep 0.3; done")
-        .stdin(Stdio::null())
+    let script = "for i in 1 2 3 4 5 6 7 8 9 10; do date +%s.%N; sleep 0.3; done";
+    let mut child = g
+        .ssh_command(b2p, key, "tc", script, 300, 120)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -139,37 +127,14 @@ fn set_guest_time(b2p: &Path, g: &VsockGuest) -> String {
 
 #[test]
 fn the_guest_clock_is_the_hosts_again_after_a_30_s_stop_under_qemu_tcg() {
-    let Some((kernel, initrd)) = image() else {
+    let Some((kernel, initrd, vhost)) = ssh_rig("clock") else {
         return;
     };
-    let initrd = lz4_initrd().unwrap_or(initrd);
-    if !have_tool("qemu-system-x86_64") {
-        return skip("clock: QEMU is not installed (apt-get install qemu-system-x86)");
-    }
-    let Some(vhost) = find_tool("vhost-device-vsock") else {
-        return skip("clock: vhost-device-vsock is missing (cargo install vhost-device-vsock)");
-    };
-    for t in ["ssh", "ssh-keygen", "timeout"] {
-        if !have_tool(t) {
-            return skip(&format!("clock: {t} not installed"));
-        }
-    }
     let _g = boot_lock();
     let dir = tempfile_dir("b2p-clock");
     let b2p = Path::new(env!("CARGO_BIN_EXE_b2p"));
-    let out = Command::new(b2p)
-        .args(["create", "clk", "--network", "none", "--disk-size", "512"])
-        .arg("--kernel")
-        .arg(&kernel)
-        .env("XDG_DATA_HOME", &dir)
-        .output()
-        .expect("run b2p create");
-    assert!(
-        out.status.success(),
-        "b2p create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let machine = dir.join("b2p/machines/clk");
+    let args = ["--network", "none", "--disk-size", "512"];
+    let machine = create_machine(&dir, "clk", &args, &kernel);
     let key = machine.join("id_ed25519");
     let qmp_sock = dir.join("qmp.sock");
     let mut g = VsockGuest::boot_with(
@@ -183,9 +148,7 @@ fn the_guest_clock_is_the_hosts_again_after_a_30_s_stop_under_qemu_tcg() {
             format!("unix:{},server=on,wait=off", qmp_sock.display()),
         ],
     );
-    let long = Duration::from_secs(600);
-    g.wait_call("org.varlink.service.GetInfo", long, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("the agent never answered: {e}\n{}", g.console()));
+    g.wait_agent("org.varlink.service.GetInfo", Duration::from_secs(60));
 
     // At boot: the VM process sets the guest clock once the agent answers.
     let boot = set_guest_time(b2p, &g);
@@ -223,12 +186,7 @@ fn the_guest_clock_is_the_hosts_again_after_a_30_s_stop_under_qemu_tcg() {
          stop {behind:+.3} s (worst sample {behind_min:+.3}); SetTime took {call_s:.2} s ({resumed}); \
          then {after:+.3} s (worst sample {after_min:+.3}); offsets are guest - host, best of 10 ssh samples"
     );
-    let _ = g.call(
-        "io.b2p.Machine.Shutdown",
-        serde_json::json!({}),
-        Duration::from_secs(60),
-    );
-    let _ = g.wait_exit(Duration::from_secs(120));
+    g.try_shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

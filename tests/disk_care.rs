@@ -25,11 +25,10 @@ mod vsock;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
-use vsock::{ext4_state, find_tool, VsockGuest};
+use vsock::{ext4_state, ssh_rig, VsockGuest};
 
 const MIB: u64 = 1 << 20;
 
@@ -79,58 +78,22 @@ fn shutdown(g: &mut VsockGuest) {
 
 #[test]
 fn a_machine_disk_gives_deleted_images_back_and_grows_under_qemu_tcg() {
-    let Some((kernel, initrd)) = image() else {
+    let Some((kernel, initrd, vhost)) = ssh_rig("disk_care") else {
         return;
     };
-    let initrd = lz4_initrd().unwrap_or(initrd);
-    if !have_tool("qemu-system-x86_64") {
-        return skip("disk_care: QEMU is not installed (apt-get install qemu-system-x86)");
-    }
-    let Some(vhost) = find_tool("vhost-device-vsock") else {
-        return skip("disk_care: vhost-device-vsock is missing (cargo install vhost-device-vsock)");
-    };
-    for t in ["ssh", "ssh-keygen", "timeout"] {
-        if !have_tool(t) {
-            return skip(&format!("disk_care: {t} not installed"));
-        }
-    }
     let _g = boot_lock();
     let dir = tempfile_dir("b2p-disk-care");
     let b2p = Path::new(env!("CARGO_BIN_EXE_b2p"));
-    let manager = |args: &[&str]| {
-        let out = Command::new(b2p)
-            .args(args)
-            .env("XDG_DATA_HOME", &dir)
-            .output()
-            .expect("running b2p");
-        assert!(
-            out.status.success(),
-            "b2p {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    manager(&[
-        "create",
-        "care",
-        "--network",
-        "none",
-        "--disk-size",
-        "2048",
-        "--kernel",
-        kernel.to_str().unwrap(),
-    ]);
-    let machine = dir.join("b2p/machines/care");
+    let args = ["--network", "none", "--disk-size", "2048"];
+    let machine = create_machine(&dir, "care", &args, &kernel);
     let disk = machine.join("disk.raw");
     let key = machine.join("id_ed25519");
     // The drive boot_with's harness defines (d0) hands discards to the file.
     let discard = ["-set".to_string(), "drive.d0.discard=unmap".to_string()];
-    let long = Duration::from_secs(600);
 
     // ---- first boot: formats; a file to keep; an image to delete.
     let mut g = VsockGuest::boot_with(&vhost, &kernel, &initrd, &disk, "b2p.ip=off", &discard);
-    g.wait_call("io.podman.GetVersion", long, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("the agent never answered: {e}\n{}", g.console()));
+    g.wait_agent("io.podman.GetVersion", Duration::from_secs(60));
     let (size1, _) = df_mib(&g, b2p, &key);
     assert!(
         (1800..=2048).contains(&size1),
@@ -196,15 +159,14 @@ fn a_machine_disk_gives_deleted_images_back_and_grows_under_qemu_tcg() {
     drop(g);
 
     // ---- grow the stopped machine's disk.
-    let said = manager(&["set", "care", "--disk-size", "4096"]);
+    let said = b2p_ok(&dir, &["set", "care", "--disk-size", "4096"]);
     assert!(said.contains("disk 2048 -> 4096 MiB"), "{said}");
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 4096 * MIB);
 
     // ---- second boot: the init grows partition and filesystem.
     let t = Instant::now();
     let mut g = VsockGuest::boot_with(&vhost, &kernel, &initrd, &disk, "b2p.ip=off", &discard);
-    g.wait_call("io.podman.GetVersion", long, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("the agent never answered: {e}\n{}", g.console()));
+    g.wait_agent("io.podman.GetVersion", Duration::from_secs(60));
     let boot2_s = t.elapsed().as_secs_f64();
     let console = g.console();
     for want in ["growing partition 1", "growing ext4 on /dev/vda1 online"] {

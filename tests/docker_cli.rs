@@ -21,7 +21,7 @@ mod vhost_half_close;
 mod vsock;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -29,14 +29,6 @@ use vsock::VsockGuest;
 
 /// Debian's docker.io client (not whatever `docker` is first on PATH).
 const DOCKER: &str = "/usr/bin/docker";
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn text(o: &Output) -> String {
     format!(
@@ -73,18 +65,8 @@ fn docker_cli_runs_busybox_through_b2p_envs_docker_host_under_qemu_tcg() {
     let _g = boot_lock();
     let dir = tempfile_dir("b2p-docker-cli");
     let b2p = Path::new(env!("CARGO_BIN_EXE_b2p"));
-    let manager = |args: &[&str]| {
-        let out = Command::new(b2p)
-            .args(args)
-            .env("XDG_DATA_HOME", &dir)
-            .output()
-            .expect("running b2p");
-        assert!(out.status.success(), "b2p {args:?}: {}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let k = kernel.display().to_string();
-    manager(&["create", "dock", "--disk-size", "512", "--kernel", &k]);
-    let env = manager(&["env", "dock"]);
+    let machine = create_machine(&dir, "dock", &["--disk-size", "512"], &kernel);
+    let env = b2p_ok(&dir, &["env", "dock"]);
     let docker_host = env
         .lines()
         .find_map(|l| l.strip_prefix("export DOCKER_HOST="))
@@ -99,21 +81,11 @@ fn docker_cli_runs_busybox_through_b2p_envs_docker_host_under_qemu_tcg() {
         .strip_prefix("unix://")
         .unwrap_or_else(|| panic!("DOCKER_HOST {docker_host} is not unix://"))
         .to_string();
-    assert!(
-        sock.starts_with(&dir.join("b2p/machines/dock").display().to_string()),
-        "{sock}"
-    );
+    assert!(sock.starts_with(&machine.display().to_string()), "{sock}");
 
-    let disk = dir.join("b2p/machines/dock/disk.raw");
+    let disk = machine.join("disk.raw");
     let mut g = VsockGuest::boot(&vhost, &kernel, &initrd, &disk, "b2p.ip=off");
-    let answered = g
-        .wait_call(
-            "io.podman.GetVersion",
-            Duration::from_secs(600),
-            Duration::from_secs(30),
-        )
-        .map(|_| g.started.elapsed())
-        .unwrap_or_else(|e| panic!("the agent never answered: {e}\n{}", g.console()));
+    let answered = g.wait_agent("io.podman.GetVersion", Duration::from_secs(30));
 
     // What the VM process serves at podman.sock: each connection joined to
     // guest vsock port 1025.

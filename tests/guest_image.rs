@@ -271,18 +271,7 @@ fn disk_made_by_b2p_create_is_formatted_with_its_key() {
     }
     let _g = boot_lock();
     let dir = tempfile_dir("b2p-create-disk");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_b2p"))
-        .args(["create", "qemu", "--disk-size", "256", "--kernel"])
-        .arg(&kernel)
-        .env("XDG_DATA_HOME", &dir)
-        .output()
-        .expect("run b2p create");
-    assert!(
-        out.status.success(),
-        "b2p create failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let machine = dir.join("b2p/machines/qemu");
+    let machine = create_machine(&dir, "qemu", &["--disk-size", "256"], &kernel);
     let public = fs::read_to_string(machine.join("id_ed25519.pub")).unwrap();
     let disk = machine.join("disk.raw");
 
@@ -391,18 +380,7 @@ fn shutdown_leaves_the_data_disk_clean() {
     let _g = boot_lock();
     let dir = tempfile_dir("b2p-shutdown");
     let b2p = Path::new(env!("CARGO_BIN_EXE_b2p"));
-    let out = std::process::Command::new(b2p)
-        .args(["create", "shut", "--disk-size", "512", "--kernel"])
-        .arg(&kernel)
-        .env("XDG_DATA_HOME", &dir)
-        .output()
-        .expect("run b2p create");
-    assert!(
-        out.status.success(),
-        "b2p create failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let machine = dir.join("b2p/machines/shut");
+    let machine = create_machine(&dir, "shut", &["--disk-size", "512"], &kernel);
     let disk = machine.join("disk.raw");
     let key = machine.join("id_ed25519");
     let image = "docker.io/library/busybox:latest";

@@ -18,20 +18,11 @@ mod vsock;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 use vsock::{find_tool, hybrid_proxy, VsockGuest};
-
-struct Kill(std::process::Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn a_container_reads_and_writes_a_host_folder_under_qemu_tcg() {
@@ -98,48 +89,14 @@ fn a_container_reads_and_writes_a_host_folder_under_qemu_tcg() {
         cmd.uid(uid).gid(gid);
     }
     let _daemon = Kill(cmd.spawn().expect("starting virtiofsd"));
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "virtiofsd did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-
-    let b2p = Path::new(env!("CARGO_BIN_EXE_b2p"));
-    let out = Command::new(b2p)
-        .args(["create", "fs", "--disk-size", "512", "--kernel"])
-        .arg(&kernel)
-        .env("XDG_DATA_HOME", &dir)
-        .output()
-        .expect("run b2p create");
     assert!(
-        out.status.success(),
-        "b2p create: {}",
-        String::from_utf8_lossy(&out.stderr)
+        wait_until(Duration::from_secs(20), || sock.exists()).is_some(),
+        "virtiofsd did not listen"
     );
-    let disk = dir.join("b2p/machines/fs/disk.raw");
-    let fs_args: Vec<String> = vec![
-        "-chardev".into(),
-        format!("socket,id=fs0,path={}", sock.display()),
-        "-device".into(),
-        "vhost-user-fs-device,chardev=fs0,tag=vol".into(),
-    ];
-    let mut g = VsockGuest::boot_with(
-        &vhost,
-        &kernel,
-        &initrd,
-        &disk,
-        "b2p.ip=off b2p.fs=vol:/data",
-        &fs_args,
-    );
-    g.wait_call(
-        "io.podman.GetVersion",
-        Duration::from_secs(600),
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|e| panic!("the agent never answered: {e}\n{}", g.console()));
+
+    let disk = create_machine(&dir, "fs", &["--disk-size", "512"], &kernel).join("disk.raw");
+    let mut g = VsockGuest::boot_virtiofs(&vhost, &kernel, &initrd, &disk, &sock);
+    g.wait_agent("io.podman.GetVersion", Duration::from_secs(30));
     assert!(
         g.console().contains("b2p: host folder: vol on /data"),
         "the init did not mount the tag\n{}",

@@ -40,6 +40,7 @@
 #        B2P_KERNEL_DIR (b2p: a guest-image/kernel/build.sh output directory),
 #        B2P_LINUX_KERNEL=elf|bzimage (default elf),
 #        B2P_LINUX_CMDLINE_EXTRA (appended to the command line),
+#        B2P_LINUX_INIT=busybox (an initramfs with a static busybox /init),
 #        B2P_LINUX_VMM_ARGS (more b2p-vmm run arguments, e.g. --virtio-mmio-cmdline),
 #        B2P_LINUX_FULL=1 (keep running to the timeout, to see how far it gets)
 # exit:  0 all lines found, 1 some missing, 2 setup failed (message says why)
@@ -144,6 +145,18 @@ entry += b"\0" * (-len(entry) % 4)
 entry += b"\0" * (-len(entry) % 512)
 open(sys.argv[1], "wb").write(entry)
 PY
+# B2P_LINUX_INIT=busybox: instead, an initramfs whose /init (the host's
+# static busybox) says so on the console and powers off: how far userspace
+# gets.
+if [ "${B2P_LINUX_INIT:-}" = busybox ]; then
+	bb=$(command -v busybox || true)
+	[ -n "$bb" ] && file -L "$bb" 2>/dev/null | grep -q 'statically linked' || die "B2P_LINUX_INIT=busybox needs a static busybox (busybox-static)"
+	mkdir -p "$work/ird/bin" "$work/ird/dev"
+	cp "$bb" "$work/ird/bin/busybox"
+	printf '#!/bin/busybox sh\n/bin/busybox echo "b2p-early: userspace runs: $(/bin/busybox uname -r)"\n/bin/busybox poweroff -f\n' >"$work/ird/init"
+	chmod 755 "$work/ird/init"
+	(cd "$work/ird" && find . | cpio -o -H newc --quiet >"$work/initrd.cpio") || die "cannot make the busybox initramfs"
+fi
 
 cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 loglevel=8 panic=-1"
 patterns=(

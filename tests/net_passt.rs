@@ -21,30 +21,13 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(420);
-
-/// Kills and reaps a child when dropped.
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// A TCP server on 127.0.0.1 that greets each connection with `greeting`
 /// and passes on (peer address, first line received).
@@ -122,24 +105,10 @@ fn guest_gets_dhcp_from_passt_and_reaches_the_hosts_loopback() {
     }
     let _g = boot_lock();
     let dir = tempfile_dir("b2p-net-passt");
-    let key = dir.join("id_ed25519");
-    sh(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -C b2p-net-passt -f '{}'",
-        key.display()
-    ));
-    let public = std::fs::read_to_string(dir.join("id_ed25519.pub")).unwrap();
-    let disk = dir.join("data.img");
-    format_me_disk(&disk, 512, public.trim());
+    let (key, disk) = keyed_format_me_disk(&dir, 512, "b2p-net-passt");
 
-    // passt listens in a directory of its own; as root it runs as nobody,
-    // so that user must be able to make the socket there.
-    let sock_dir = dir.join("passt");
-    std::fs::create_dir(&sock_dir).unwrap();
-    if is_root() {
-        sh(&format!("chown nobody '{}'", sock_dir.display()));
-    }
-    std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let sock = sock_dir.join("passt.sock");
+    // passt listens in a directory of its own.
+    let sock = passt_socket_path(&dir);
     let ssh_port = free_port();
     let passt_log = dir.join("passt.log");
     let _passt = Kill(
@@ -153,16 +122,12 @@ fn guest_gets_dhcp_from_passt_and_reaches_the_hosts_loopback() {
             .spawn()
             .expect("starting passt"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "passt did not listen on {}: {}",
-            sock.display(),
-            std::fs::read_to_string(&passt_log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || sock.exists()).is_some(),
+        "passt did not listen on {}: {}",
+        sock.display(),
+        std::fs::read_to_string(&passt_log).unwrap_or_default()
+    );
     let (tcp_port, peers) = tcp_server("b2p-host-loopback-hello\n");
 
     let console = dir.join("console.log");
@@ -599,14 +564,7 @@ fn probe_gets_a_dhcp_offer_through_a_passt_it_joins() {
     let test = "probe_gets_a_dhcp_offer_through_a_passt_it_joins";
     let Some(vmm) = probe_setup(test) else { return };
     let dir = TempDir::new("net-passt-join");
-    // As root passt binds its socket as nobody: a directory nobody may write.
-    let sock_dir = dir.join("passt");
-    std::fs::create_dir(&sock_dir).unwrap();
-    if is_root() {
-        sh(&format!("chown nobody '{}'", sock_dir.display()));
-    }
-    std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let sock = sock_dir.join("passt.sock");
+    let sock = passt_socket_path(dir.path());
     let _passt = Kill(
         die_with_us(&mut Command::new("passt"))
             .args(["--foreground", "--quiet", "--one-off", "-s"])
@@ -617,11 +575,10 @@ fn probe_gets_a_dhcp_offer_through_a_passt_it_joins() {
             .spawn()
             .expect("starting passt"),
     );
-    let end = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < end, "passt did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || sock.exists()).is_some(),
+        "passt did not listen"
+    );
     let out = run_with_deadline(
         probe_run(
             &vmm,

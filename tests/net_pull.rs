@@ -36,28 +36,13 @@ mod vhost_half_close;
 #[path = "guest_image/vsock.rs"]
 mod vsock;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
 use vsock::VsockGuest;
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn spawn(cmd: &mut Command, log: &Path) -> Kill {
     Kill(
@@ -89,12 +74,8 @@ fn read(p: &Path) -> String {
     s
 }
 
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool, log: &Path) {
-    let end = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < end, "{what}: {}", read(log));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for(what: &str, limit: Duration, ok: impl FnMut() -> bool, log: &Path) {
+    assert!(wait_until(limit, ok).is_some(), "{what}: {}", read(log));
 }
 
 #[test]
@@ -215,13 +196,7 @@ fn guest_pulls_from_a_registry_on_the_hosts_loopback_through_passt_and_a_proxy()
     );
 
     // passt, in a directory nobody may write.
-    let sock_dir = dir.join("passt");
-    std::fs::create_dir(&sock_dir).unwrap();
-    sh(&format!(
-        "chown nobody '{0}' && chmod 0700 '{0}'",
-        sock_dir.display()
-    ));
-    let passt_sock = sock_dir.join("passt.sock");
+    let passt_sock = passt_socket_path(&dir);
     let passt_log = dir.join("passt.log");
     let _passt = spawn(
         &mut with_resolv(
@@ -266,14 +241,7 @@ fn guest_pulls_from_a_registry_on_the_hosts_loopback_through_passt_and_a_proxy()
         )
     );
 
-    let key = dir.join("id_ed25519");
-    sh(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -C b2p-net-pull -f '{}'",
-        key.display()
-    ));
-    let public = std::fs::read_to_string(dir.join("id_ed25519.pub")).unwrap();
-    let disk = dir.join("data.img");
-    format_me_disk(&disk, 1024, public.trim());
+    let (key, disk) = keyed_format_me_disk(&dir, 1024, "b2p-net-pull");
     let mut g = VsockGuest::boot_with(
         &vhost,
         &kernel,
@@ -361,15 +329,7 @@ fn guest_pulls_from_a_registry_on_the_hosts_loopback_through_passt_and_a_proxy()
     )
     .unwrap_or_else(|e| panic!("{}", what(&g, &format!("the agent never answered: {e}"))));
     let ready_at = g.started.elapsed();
-    let ssh = |g: &VsockGuest, script: &str, secs: u32| {
-        let o = g.ssh(&b2p, &key, "tc", script, secs);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (o.status.success(), text)
-    };
+    let ssh = |g: &VsockGuest, script: &str, secs: u32| g.ssh_tc(&b2p, &key, script, secs);
     let remote = "sudo podman --remote --url unix:///run/podman/podman.sock";
 
     // 3. The name through passt's DNS forwarding, and what the proxy

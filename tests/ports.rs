@@ -26,19 +26,11 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
 use vsock::{hybrid_proxy, VsockGuest};
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// GET `path` from 127.0.0.1:`port`: the body, or why not.
 fn http_get(port: u16, path: &str) -> Result<Vec<u8>, String> {
@@ -83,20 +75,6 @@ fn raw_relay(uds: &Path, port: u16) -> String {
     }
 }
 
-/// Polls until `ok` holds, up to `limit`; how long it took.
-fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> Option<Duration> {
-    let t = Instant::now();
-    loop {
-        if ok() {
-            return Some(t.elapsed());
-        }
-        if t.elapsed() > limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn published_ports_reach_the_hosts_loopback_under_qemu_tcg() {
     let Some((kernel, initrd)) = image() else {
@@ -122,25 +100,9 @@ fn published_ports_reach_the_hosts_loopback_under_qemu_tcg() {
     let _g = boot_lock();
     let dir = tempfile_dir("b2p-ports");
     let b2p = Path::new(env!("CARGO_BIN_EXE_b2p"));
-    let out = Command::new(b2p)
-        .args(["create", "ports", "--disk-size", "512", "--kernel"])
-        .arg(&kernel)
-        .env("XDG_DATA_HOME", &dir)
-        .output()
-        .expect("run b2p create");
-    assert!(
-        out.status.success(),
-        "b2p create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let disk = dir.join("b2p/machines/ports/disk.raw");
+    let disk = create_machine(&dir, "ports", &["--disk-size", "512"], &kernel).join("disk.raw");
     let mut g = VsockGuest::boot(&vhost, &kernel, &initrd, &disk, "b2p.ip=off");
-    g.wait_call(
-        "io.podman.GetVersion",
-        Duration::from_secs(600),
-        Duration::from_secs(30),
-    )
-    .unwrap_or_else(|e| panic!("the agent never answered: {e}\n{}", g.console()));
+    g.wait_agent("io.podman.GetVersion", Duration::from_secs(30));
 
     let sock = dir.join("podman.sock");
     hybrid_proxy(&sock, g.uds().to_path_buf(), 1025);

@@ -35,20 +35,6 @@ fn setup(test: &str) -> Option<(PathBuf, PathBuf)> {
     Some((vmm, virtiofsd))
 }
 
-/// xorshift64*, as tests/probe/guest/blk.c's fill_pattern.
-fn pattern(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
-
 /// `b2p-vmm run` of the probe with `extra`, console into `dir/console.log`.
 fn probe_cmd(vmm: &Path, dir: &TempDir, cmdline: &str, extra: &[String]) -> (Command, PathBuf) {
     let kernel = probe_kernel(dir);
@@ -100,11 +86,11 @@ impl Boot {
     }
 }
 
-/// The shared folder with `in.bin` = pattern(seed).
+/// The shared folder with `in.bin` = probe_pattern(seed).
 fn shared_folder(dir: &TempDir, name: &str, seed: u64) -> PathBuf {
     let share = dir.join(name);
     std::fs::create_dir(&share).unwrap();
-    std::fs::write(share.join("in.bin"), pattern(seed, LEN)).unwrap();
+    std::fs::write(share.join("in.bin"), probe_pattern(seed, LEN)).unwrap();
     share
 }
 
@@ -151,7 +137,7 @@ fn probe_reads_and_writes_a_host_folder() {
     b.has("InterruptStatus used-buffer bit seen");
     let written = std::fs::read(share.join("out.bin")).unwrap();
     assert!(
-        written == pattern(8, LEN),
+        written == probe_pattern(8, LEN),
         "out.bin differs from the pattern"
     );
     // virtiofsd ended with the VM.
@@ -200,7 +186,7 @@ fn joins_a_running_virtiofsd() {
     );
     b.assert_pass();
     b.has("probe: fs0 read in.bin: 4096 bytes match (seed 11)");
-    assert!(std::fs::read(share.join("out.bin")).unwrap() == pattern(12, LEN));
+    assert!(std::fs::read(share.join("out.bin")).unwrap() == probe_pattern(12, LEN));
     // It served one connection and exits when the VM closes it.
     let start = Instant::now();
     while daemon.try_wait().unwrap().is_none() {
@@ -232,7 +218,7 @@ fn read_only_folder_refuses_guest_writes() {
     assert!(!share.join("new.bin").exists());
     let after: Vec<_> = std::fs::read_dir(&share).unwrap().flatten().collect();
     assert_eq!(before.len(), after.len());
-    assert!(std::fs::read(share.join("in.bin")).unwrap() == pattern(3, LEN));
+    assert!(std::fs::read(share.join("in.bin")).unwrap() == probe_pattern(3, LEN));
 }
 
 #[test]

@@ -27,21 +27,6 @@ fn setup(test: &str) -> Option<PathBuf> {
     Some(vmm_binary().unwrap_or_else(|e| panic!("{test}: no b2p-vmm binary: {e}")))
 }
 
-/// The bytes the probe writes for disk `index` with `seed` (xorshift64*,
-/// as in tests/probe/guest/blk.c).
-fn pattern(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
-
 struct Boot {
     out: Outcome,
     console: String,
@@ -146,7 +131,7 @@ fn blk_pattern_flush_second_boot_and_read_only() {
     let off = (sector * 512) as usize;
     assert_eq!(
         &data[off..off + 4096],
-        &pattern(seed, 4096)[..],
+        &probe_pattern(seed, 4096)[..],
         "pattern not on disk"
     );
     assert!(

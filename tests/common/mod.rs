@@ -271,6 +271,21 @@ pub fn probe_cmdline(mem_mib: u64, cpus: u32, initrd: Option<&[u8]>, extra: &str
     s
 }
 
+/// The bytes the probe writes and checks for `seed` (xorshift64*, as
+/// tests/probe/guest/blk.c's fill_pattern): `n` of them.
+pub fn probe_pattern(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
 /// Parses `b2p-vmm: timing NAME=N` lines from the monitor's stderr.
 pub fn timing(stderr: &str, name: &str) -> Option<u64> {
     let key = format!("{name}=");
@@ -280,6 +295,30 @@ pub fn timing(stderr: &str, name: &str) -> Option<u64> {
         .flat_map(|l| l.split_whitespace())
         .find_map(|w| w.strip_prefix(key.as_str()))
         .and_then(|v| v.parse().ok())
+}
+
+/// The start of a probe bench named `bench`: `None` after a skip line when
+/// /dev/kvm is not usable; else the `b2p-vmm` binary (the process exits 1
+/// without one) and how many runs `B2P_BENCH_RUNS` asks for (20 by
+/// default, at least 1).
+pub fn bench_start(bench: &str) -> Option<(PathBuf, usize)> {
+    if let Err(reason) = kvm_usable() {
+        skip(bench, &reason);
+        return None;
+    }
+    let vmm = match vmm_binary() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{bench}: no b2p-vmm binary: {e}");
+            std::process::exit(1);
+        }
+    };
+    let runs: usize = std::env::var("B2P_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+        .max(1);
+    Some((vmm, runs))
 }
 
 /// Min, median and max of timing samples (benches); zeros when empty.

@@ -1,13 +1,16 @@
 //! Helpers for the guest-image tests: where the built image is, a bounded
 //! QEMU (`-M microvm -accel tcg`) boot that returns the guest console, raw
-//! disk files made with host tools, and loud skips when something is missing.
+//! disk files made with host tools, machines made by `b2p create`, child
+//! processes ended on drop, and loud skips when something is missing.
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -266,6 +269,95 @@ pub fn format_me_disk(path: &Path, mib: u64, authorized_key: &str) {
     let _ = fs::remove_dir_all(&d);
 }
 
+/// A fresh ed25519 key `dir/id_ed25519` (comment `comment`) and a
+/// format-me disk `dir/data.img` of `mib` MiB that authorizes it: (key, disk).
+pub fn keyed_format_me_disk(dir: &Path, mib: u64, comment: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join("id_ed25519");
+    sh(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -C {comment} -f '{}'",
+        key.display()
+    ));
+    let public = fs::read_to_string(dir.join("id_ed25519.pub")).unwrap();
+    let disk = dir.join("data.img");
+    format_me_disk(&disk, mib, public.trim());
+    (key, disk)
+}
+
+/// `dir/passt/passt.sock`, in a folder made for it that only passt may use:
+/// as root passt drops to nobody, so the folder is then nobody's (0700).
+pub fn passt_socket_path(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let sock_dir = dir.join("passt");
+    fs::create_dir(&sock_dir).unwrap();
+    if is_root() {
+        sh(&format!("chown nobody '{}'", sock_dir.display()));
+    }
+    fs::set_permissions(&sock_dir, fs::Permissions::from_mode(0o700)).unwrap();
+    sock_dir.join("passt.sock")
+}
+
 pub fn sha256(path: &Path) -> String {
     sh(&format!("sha256sum '{}' | cut -d' ' -f1", path.display()))
+}
+
+/// A child process (a daemon the test started) killed and reaped on drop.
+pub struct Kill(pub Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls (every 10 ms) until `ok` holds, up to `limit`; how long it took.
+pub fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> Option<Duration> {
+    let t = Instant::now();
+    loop {
+        if ok() {
+            return Some(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A TCP port on 127.0.0.1 that nothing listened on a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `b2p ARGS` with its machines under `xdg` (`XDG_DATA_HOME`); asserts that
+/// it succeeded and returns its stdout.
+pub fn b2p_ok<S: AsRef<OsStr>>(xdg: &Path, args: &[S]) -> String {
+    let args: Vec<&OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_b2p"))
+        .args(&args)
+        .env("XDG_DATA_HOME", xdg)
+        .output()
+        .expect("running b2p");
+    assert!(
+        out.status.success(),
+        "b2p {args:?}: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `b2p create NAME ARGS --kernel KERNEL` under `xdg` (asserted to
+/// succeed): the machine's folder, with its `disk.raw` (the format-me disk)
+/// and `id_ed25519`.
+pub fn create_machine(xdg: &Path, name: &str, args: &[&str], kernel: &Path) -> PathBuf {
+    let mut all: Vec<&OsStr> = vec!["create".as_ref(), name.as_ref()];
+    all.extend(args.iter().map(OsStr::new));
+    all.extend(["--kernel".as_ref(), kernel.as_os_str()]);
+    b2p_ok(xdg, &all);
+    xdg.join("b2p/machines").join(name)
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{host_khz, tempfile_dir};
+use crate::support::{have_tool, host_khz, image, lz4_initrd, skip, tempfile_dir, wait_until};
 
 /// `name` on PATH or in ~/.cargo/bin (where `cargo install` puts
 /// vhost-device-vsock).
@@ -23,6 +23,36 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// What a test that boots a `b2p create` disk and ssh-es in needs: the
+/// image's kernel and initrd (the lz4 one where built) and
+/// vhost-device-vsock; `None`, after a skip line that starts with `test`,
+/// when the image, QEMU, vhost-device-vsock, ssh, ssh-keygen or timeout is
+/// missing.
+#[allow(dead_code)]
+pub fn ssh_rig(test: &str) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let (kernel, initrd) = image()?;
+    let initrd = lz4_initrd().unwrap_or(initrd);
+    if !have_tool("qemu-system-x86_64") {
+        skip(&format!(
+            "{test}: QEMU is not installed (apt-get install qemu-system-x86)"
+        ));
+        return None;
+    }
+    let Some(vhost) = find_tool("vhost-device-vsock") else {
+        skip(&format!(
+            "{test}: vhost-device-vsock is missing (cargo install vhost-device-vsock)"
+        ));
+        return None;
+    };
+    for t in ["ssh", "ssh-keygen", "timeout"] {
+        if !have_tool(t) {
+            skip(&format!("{test}: {t} not installed"));
+            return None;
+        }
+    }
+    Some((kernel, initrd, vhost))
 }
 
 /// A Unix socket at `listen` whose connections are joined to guest vsock
@@ -127,6 +157,27 @@ impl VsockGuest {
         }
     }
 
+    /// [`VsockGuest::boot`] with a `vhost-user-fs-device` on the virtiofsd
+    /// listening at `virtiofsd_sock`, tag `vol`, which the image's init
+    /// mounts on /data (`b2p.fs=vol:/data`); no network (`b2p.ip=off`).
+    #[allow(dead_code)]
+    pub fn boot_virtiofs(
+        vhost_bin: &Path,
+        kernel: &Path,
+        initrd: &Path,
+        disk: &Path,
+        virtiofsd_sock: &Path,
+    ) -> VsockGuest {
+        let fs_args = [
+            "-chardev".to_string(),
+            format!("socket,id=fs0,path={}", virtiofsd_sock.display()),
+            "-device".to_string(),
+            "vhost-user-fs-device,chardev=fs0,tag=vol".to_string(),
+        ];
+        let cmdline = "b2p.ip=off b2p.fs=vol:/data";
+        VsockGuest::boot_with(vhost_bin, kernel, initrd, disk, cmdline, &fs_args)
+    }
+
     /// Boots `kernel` + `initrd` with `disk` as vda and `cmdline` appended.
     fn boot_once(
         vhost_bin: &Path,
@@ -152,14 +203,10 @@ impl VsockGuest {
             .stderr(fs::File::create(dir.join("vhost.log")).unwrap())
             .spawn()
             .expect("starting vhost-device-vsock");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !vhost_sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "vhost-device-vsock did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            wait_until(Duration::from_secs(20), || vhost_sock.exists()).is_some(),
+            "vhost-device-vsock did not listen"
+        );
         let started = Instant::now();
         let qemu = Command::new("qemu-system-x86_64")
             .args(["-M", "microvm,memory-backend=mem0", "-accel", "tcg"])
@@ -249,6 +296,18 @@ impl VsockGuest {
         }
     }
 
+    /// Best effort at the end of a test: asks the agent to power the guest
+    /// off and gives QEMU 120 s to exit (drop kills it in any case).
+    #[allow(dead_code)]
+    pub fn try_shutdown(&mut self) {
+        let _ = self.call(
+            "io.b2p.Machine.Shutdown",
+            serde_json::json!({}),
+            Duration::from_secs(60),
+        );
+        let _ = self.wait_exit(Duration::from_secs(120));
+    }
+
     /// One varlink call to the agent (vsock port 1024) on a fresh
     /// connection: the reply's `parameters`, or the error reply / the
     /// transport failure as text.
@@ -315,26 +374,65 @@ impl VsockGuest {
         Err(format!("no answer in {timeout:?}; last error: {last}"))
     }
 
-    /// `ssh USER@guest COMMAND` with `key`, over vsock port 22 (`b2p
-    /// __vsock-proxy` as the ProxyCommand), bounded by coreutils timeout.
-    pub fn ssh(&self, b2p: &Path, key: &Path, user: &str, command: &str, secs: u32) -> Output {
+    /// [`VsockGuest::wait_call`] of `method` for up to 600 s (TCG boots
+    /// are slow), `per_try` each; panics with the console when the agent
+    /// never answers. How long after QEMU's start it answered.
+    #[allow(dead_code)]
+    pub fn wait_agent(&mut self, method: &str, per_try: Duration) -> Duration {
+        self.wait_call(method, Duration::from_secs(600), per_try)
+            .unwrap_or_else(|e| panic!("the agent never answered: {e}\n{}", self.console()));
+        self.started.elapsed()
+    }
+
+    /// The command `ssh USER@guest COMMAND` with `key`, over vsock port 22
+    /// (`b2p __vsock-proxy` as the ProxyCommand), bounded by coreutils
+    /// timeout (`secs`), giving up on the connection after `connect_secs`.
+    pub fn ssh_command(
+        &self,
+        b2p: &Path,
+        key: &Path,
+        user: &str,
+        command: &str,
+        secs: u32,
+        connect_secs: u32,
+    ) -> Command {
         let proxy = format!("{} __vsock-proxy {} 22", b2p.display(), self.uds.display());
-        Command::new("timeout")
-            .arg(secs.to_string())
+        let mut cmd = Command::new("timeout");
+        cmd.arg(secs.to_string())
             .arg("ssh")
             .arg("-i")
             .arg(key)
             .args(["-o", "StrictHostKeyChecking=no"])
             .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
             .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
-            .args(["-o", "ConnectTimeout=60"])
+            .arg("-o")
+            .arg(format!("ConnectTimeout={connect_secs}"))
             .arg("-o")
             .arg(format!("ProxyCommand={proxy}"))
             .arg(format!("{user}@b2p-guest"))
             .arg(command)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs [`VsockGuest::ssh_command`] (60 s to connect) to its end.
+    pub fn ssh(&self, b2p: &Path, key: &Path, user: &str, command: &str, secs: u32) -> Output {
+        self.ssh_command(b2p, key, user, command, secs, 60)
             .output()
             .expect("running ssh")
+    }
+
+    /// `command` as tc over [`VsockGuest::ssh`]: whether it succeeded, and
+    /// its stdout followed by its stderr.
+    #[allow(dead_code)]
+    pub fn ssh_tc(&self, b2p: &Path, key: &Path, command: &str, secs: u32) -> (bool, String) {
+        let o = self.ssh(b2p, key, "tc", command, secs);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.success(), text)
     }
 }
 

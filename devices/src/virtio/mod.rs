@@ -14,7 +14,9 @@
 //!    with the queues, their eventfds, the guest memory and the interrupt
 //!    line. The device stores them and writes its `activate_evt`.
 //! 3. In the event loop the device sees `activate_evt` and subscribes the
-//!    queue eventfds and its backend fds (file, TAP, Unix sockets). From then
+//!    queue eventfds and its backend fds (file, TAP, Unix sockets); the
+//!    activate and queue eventfds, the active state and their subscription
+//!    are [`lifecycle::Lifecycle`]'s, shared by every device but blk. From then
 //!    on a queue notification or backend readiness makes it process chains
 //!    and call `IrqLine::signal_used_queue`. (virtio-blk is the exception:
 //!    its worker thread waits on the queue eventfd itself, so disk I/O never
@@ -32,6 +34,7 @@ pub mod balloon;
 pub mod block;
 pub mod fs;
 pub mod iovec;
+pub mod lifecycle;
 pub mod mmio;
 pub mod net;
 pub mod rng;

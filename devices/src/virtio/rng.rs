@@ -4,14 +4,14 @@
 use std::sync::Arc;
 
 use crate::{error_limited, warn_limited};
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryBackend, Permissions, VolatileSlice};
-use vmm_sys_util::eventfd::EventFd;
 
+use super::lifecycle::{Lifecycle, DATA_ACTIVATE};
 use super::{device_type, ActivateContext, ActivateError, IrqLine, VirtioDevice};
 use crate::GuestMemoryMmap;
 
@@ -28,10 +28,7 @@ struct Active {
 
 /// The entropy device.
 pub struct Rng {
-    active: Option<Active>,
-    activate_evt: EventFd,
-    queue_evt: Option<EventFd>,
-    queue_subscribed: bool,
+    life: Lifecycle<Active>,
     /// Bytes handed to the guest so far.
     bytes_served: u64,
 }
@@ -39,7 +36,7 @@ pub struct Rng {
 impl std::fmt::Debug for Rng {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rng")
-            .field("active", &self.active.is_some())
+            .field("active", &self.life.is_active())
             .field("bytes_served", &self.bytes_served)
             .finish()
     }
@@ -105,16 +102,13 @@ fn serve_chain(mem: &GuestMemoryMmap, chain: impl Iterator<Item = Descriptor>) -
 impl Rng {
     pub fn new() -> std::io::Result<Self> {
         Ok(Rng {
-            active: None,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            queue_evt: None,
-            queue_subscribed: false,
+            life: Lifecycle::new("virtio-rng")?,
             bytes_served: 0,
         })
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.life.is_active()
     }
 
     pub fn bytes_served(&self) -> u64 {
@@ -123,7 +117,7 @@ impl Rng {
 
     /// Drain the request queue.
     pub fn process_queue(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.life.active.as_mut() else {
             return;
         };
         let event_idx = a.queue.event_idx_enabled();
@@ -151,18 +145,6 @@ impl Rng {
             }
         }
     }
-
-    fn subscribe_queue(&mut self, ops: &mut EventOps) {
-        if self.queue_subscribed {
-            return;
-        }
-        if let Some(evt) = self.queue_evt.as_ref() {
-            match ops.add(Events::new(evt, EventSet::IN)) {
-                Ok(()) => self.queue_subscribed = true,
-                Err(e) => error_limited!("virtio-rng: cannot watch the queue eventfd: {e:?}"),
-            }
-        }
-    }
 }
 
 impl VirtioDevice for Rng {
@@ -185,55 +167,46 @@ impl VirtioDevice for Rng {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        ctx.check(self.active.is_some(), 1)?;
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.life.begin(&mut ctx, 1)?;
         let got = ctx.queues.len();
         let mut queues = ctx.queues.into_iter();
         let (Some(queue), None) = (queues.next(), queues.next()) else {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
-        if self.queue_evt.is_none() {
-            self.queue_evt = ctx.queue_evts.into_iter().next();
-        }
-        self.active = Some(Active {
+        self.life.finish(Active {
             mem: ctx.mem,
             queue,
             irq: ctx.irq,
-        });
-        self.activate_evt.write(1)?;
-        Ok(())
+        })
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.life.reset();
         true
     }
 }
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            error_limited!("virtio-rng: cannot watch the activate eventfd: {e:?}");
-        }
+        self.life.watch_activate(ops);
         if self.is_active() {
-            self.subscribe_queue(ops);
+            self.life.subscribe_queues(ops);
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        use std::os::unix::io::AsRawFd;
-        let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            let _ = self.activate_evt.read();
-            self.subscribe_queue(ops);
-            self.process_queue();
-        } else if self.queue_evt.as_ref().map(|e| e.as_raw_fd()) == Some(fd) {
-            if let Some(e) = self.queue_evt.as_ref() {
-                let _ = e.read();
+        match events.data() {
+            DATA_ACTIVATE => {
+                self.life.ack_activate();
+                self.life.subscribe_queues(ops);
+                self.process_queue();
             }
-            self.process_queue();
-        } else {
-            warn_limited!("virtio-rng: event on unknown fd {fd}");
+            0 => {
+                self.life.ack_queue(0);
+                self.process_queue();
+            }
+            other => warn_limited!("virtio-rng: event with unknown data {other}"),
         }
     }
 }

@@ -11,7 +11,6 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::Bytes;
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::release::release_range;
@@ -20,6 +19,7 @@ use super::{
     BalloonConfig, DEFLATEQ, DEVICE_ID, F_PAGE_REPORTING, F_STATS_VQ, INFLATEQ, MAX_PFN_BYTES,
     NUM_QUEUES, PAGE_SIZE, QUEUE_SIZE, REPORTINGQ, STATSQ,
 };
+use crate::virtio::lifecycle::Lifecycle;
 use crate::virtio::{read_config_window, ActivateContext, ActivateError, IrqLine, VirtioDevice};
 use crate::GuestMemoryMmap;
 
@@ -51,11 +51,8 @@ pub struct Balloon {
     acked_features: u64,
     /// The driver's `actual` field (pages it holds in the balloon).
     actual: u32,
-    pub(super) active: Option<Active>,
-    pub(super) activate_evt: EventFd,
-    pub(super) queue_evts: Vec<EventFd>,
+    pub(super) life: Lifecycle<Active>,
     pub(super) stats_timer: TimerFd,
-    pub(super) subscribed: bool,
     counters: Counters,
     stats: BalloonStats,
 }
@@ -63,7 +60,7 @@ pub struct Balloon {
 impl std::fmt::Debug for Balloon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Balloon")
-            .field("active", &self.active.is_some())
+            .field("active", &self.life.is_active())
             .field("counters", &self.counters)
             .finish()
     }
@@ -92,18 +89,15 @@ impl Balloon {
             config,
             acked_features: 0,
             actual: 0,
-            active: None,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            queue_evts: Vec::new(),
+            life: Lifecycle::new("virtio-balloon")?,
             stats_timer,
-            subscribed: false,
             counters: Counters::default(),
             stats: BalloonStats::default(),
         })
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.life.is_active()
     }
 
     pub fn counters(&self) -> Counters {
@@ -133,7 +127,7 @@ impl Balloon {
             STATSQ if self.has(F_STATS_VQ) => return self.process_stats(),
             _ => return,
         };
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.life.active.as_mut() else {
             return;
         };
         let counters = &mut self.counters;
@@ -168,7 +162,7 @@ impl Balloon {
     /// A new statistics buffer: read it, keep it until the next request.
     /// A second buffer while one is held returns the held one.
     fn process_stats(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.life.active.as_mut() else {
             return;
         };
         let mut returned = false;
@@ -198,7 +192,7 @@ impl Balloon {
     /// for fresh statistics. Nothing held (the driver has not answered the
     /// last request): nothing to do.
     pub fn request_stats(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.life.active.as_mut() else {
             return;
         };
         if let Some(head) = a.stats_head.take() {
@@ -373,25 +367,20 @@ impl VirtioDevice for Balloon {
         self.actual = u32::from_le_bytes(actual);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        ctx.check(self.active.is_some(), NUM_QUEUES)?;
-        if self.queue_evts.is_empty() {
-            self.queue_evts = ctx.queue_evts;
-        }
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.life.begin(&mut ctx, NUM_QUEUES)?;
         self.acked_features = ctx.acked_features;
-        self.active = Some(Active {
+        self.arm_stats_timer();
+        self.life.finish(Active {
             mem: ctx.mem,
             queues: ctx.queues,
             irq: ctx.irq,
             stats_head: None,
-        });
-        self.arm_stats_timer();
-        self.activate_evt.write(1)?;
-        Ok(())
+        })
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.life.reset();
         self.acked_features = 0;
         let _ = self.stats_timer.clear();
         true

@@ -9,41 +9,31 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::Balloon;
 use super::NUM_QUEUES;
+use crate::virtio::lifecycle::DATA_ACTIVATE;
 
-const DATA_ACTIVATE: u32 = 100;
 const DATA_STATS_TIMER: u32 = 101;
 
 impl Balloon {
     fn subscribe_runtime(&mut self, ops: &mut EventOps) {
-        if self.subscribed {
+        if !self.life.subscribe_queues(ops) {
             return;
-        }
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                error_limited!("virtio-balloon: cannot watch queue {i}: {e:?}");
-            }
         }
         let timer =
             Events::with_data_raw(self.stats_timer.as_raw_fd(), DATA_STATS_TIMER, EventSet::IN);
         if let Err(e) = ops.add(timer) {
             error_limited!("virtio-balloon: cannot watch the stats timer: {e:?}");
         }
-        self.subscribed = true;
     }
 
     fn unsubscribe_runtime(&mut self, ops: &mut EventOps) {
-        if !self.subscribed {
+        if !self.life.unsubscribe_queues(ops) {
             return;
-        }
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            let _ = ops.remove(Events::with_data(evt, i as u32, EventSet::IN));
         }
         let _ = ops.remove(Events::with_data_raw(
             self.stats_timer.as_raw_fd(),
             DATA_STATS_TIMER,
             EventSet::IN,
         ));
-        self.subscribed = false;
     }
 
     fn process_all(&mut self) {
@@ -55,13 +45,7 @@ impl Balloon {
 
 impl MutEventSubscriber for Balloon {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            DATA_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error_limited!("virtio-balloon: cannot watch the activate eventfd: {e:?}");
-        }
+        self.life.watch_activate(ops);
         if self.is_active() {
             self.subscribe_runtime(ops);
         }
@@ -70,7 +54,7 @@ impl MutEventSubscriber for Balloon {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let data = events.data();
         if data == DATA_ACTIVATE {
-            let _ = self.activate_evt.read();
+            self.life.ack_activate();
             if self.is_active() {
                 self.subscribe_runtime(ops);
                 self.process_all();
@@ -89,9 +73,7 @@ impl MutEventSubscriber for Balloon {
                 self.request_stats();
             }
             q if (q as usize) < NUM_QUEUES => {
-                if let Some(evt) = self.queue_evts.get(q as usize) {
-                    let _ = evt.read();
-                }
+                self.life.ack_queue(q as usize);
                 self.process_queue(q as usize);
             }
             other => warn_limited!("virtio-balloon: event with unknown data {other}"),

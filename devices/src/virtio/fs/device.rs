@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::frontend::{FrontendError, Session};
 use super::{config_space, fallback, NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
+use crate::virtio::lifecycle::Lifecycle;
 use crate::virtio::{
     device_type, read_config_window, ActivateContext, ActivateError, IrqLine, VirtioDevice,
 };
@@ -31,7 +32,6 @@ struct Active {
     mem: GuestMemoryMmap,
     acked_features: u64,
     queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
     irq: Arc<IrqLine>,
     /// The backend has the vrings.
     started: bool,
@@ -43,10 +43,11 @@ pub struct Fs {
     config: [u8; TAG_LEN + 4],
     session: Option<Session>,
     avail_features: u64,
-    activate_evt: EventFd,
     /// The backend signals queue `i`'s used buffers on `calls[i]`.
     calls: Vec<EventFd>,
-    active: Option<Active>,
+    /// Activation and the queue eventfds; the backend, not this event
+    /// loop, watches those until it is gone.
+    life: Lifecycle<Active>,
     /// The backend is gone: the monitor fails requests itself.
     backend_gone: bool,
     /// Requests failed since the backend went.
@@ -57,7 +58,7 @@ impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
             .field("tag", &self.tag)
-            .field("active", &self.active.is_some())
+            .field("active", &self.life.is_active())
             .field("backend_gone", &self.backend_gone)
             .finish()
     }
@@ -121,9 +122,8 @@ impl Fs {
             config: config_space(tag),
             avail_features: session.guest_features(),
             session: Some(session),
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             calls,
-            active: None,
+            life: Lifecycle::new("virtio-fs")?,
             backend_gone: false,
             failed_requests: 0,
         })
@@ -145,25 +145,22 @@ impl Fs {
 
     /// Whether the backend has the vrings.
     pub fn is_started(&self) -> bool {
-        self.active.as_ref().is_some_and(|a| a.started)
+        self.life.active.as_ref().is_some_and(|a| a.started)
     }
 
     fn start_backend(&mut self, ops: &mut EventOps) {
-        let (Some(a), Some(s)) = (self.active.as_mut(), self.session.as_mut()) else {
+        let (Some(a), Some(s)) = (self.life.active.as_ref(), self.session.as_mut()) else {
             return;
         };
         if a.started {
             return;
         }
-        match s.start(
-            &a.mem,
-            a.acked_features,
-            &a.queues,
-            &a.queue_evts,
-            &self.calls,
-        ) {
+        let queue_evts = self.life.queue_evts();
+        match s.start(&a.mem, a.acked_features, &a.queues, queue_evts, &self.calls) {
             Ok(()) => {
-                a.started = true;
+                if let Some(a) = self.life.active.as_mut() {
+                    a.started = true;
+                }
                 info!("virtio-fs {}: the backend serves the queues", self.tag);
             }
             Err(e) => self.backend_lost(ops, &format!("starting its queues: {e}")),
@@ -187,27 +184,24 @@ impl Fs {
 
     /// With the backend gone and the driver ready: watch the queues here.
     fn take_over(&mut self, ops: &mut EventOps) {
-        let Some(a) = self.active.as_mut() else {
+        let no_queues = self.life.queue_evts().is_empty();
+        let Some(a) = self.life.active.as_mut() else {
             return;
         };
-        if !self.backend_gone || a.queue_evts.is_empty() && a.queues.is_empty() {
+        if !self.backend_gone || no_queues && a.queues.is_empty() {
             return;
         }
         for q in a.queues.iter_mut() {
             fallback::take_over(&a.mem, q);
         }
-        for evt in &a.queue_evts {
-            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                error_limited!("virtio-fs: cannot watch a queue eventfd: {e:?}");
-            }
-        }
         a.started = false;
+        self.life.subscribe_queues(ops);
         self.fail_requests();
     }
 
     /// Fallback: answer everything pending with EIO.
     fn fail_requests(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.life.active.as_mut() else {
             return;
         };
         let mut added = false;
@@ -245,24 +239,22 @@ impl VirtioDevice for Fs {
         warn_limited!("virtio-fs: the config space is read-only");
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        ctx.check(self.active.is_some(), NUM_QUEUES)?;
-        self.active = Some(Active {
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.life.begin(&mut ctx, NUM_QUEUES)?;
+        self.life.finish(Active {
             mem: ctx.mem,
             acked_features: ctx.acked_features,
             queues: ctx.queues,
-            queue_evts: ctx.queue_evts,
             irq: ctx.irq,
             started: false,
-        });
-        self.activate_evt.write(1)?;
-        Ok(())
+        })
     }
 }
 
 impl MutEventSubscriber for Fs {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut fds: Vec<RawFd> = vec![self.activate_evt.as_raw_fd()];
+        self.life.watch_activate(ops);
+        let mut fds: Vec<RawFd> = Vec::new();
         fds.extend(self.calls.iter().map(|c| c.as_raw_fd()));
         fds.extend(self.session.as_ref().map(|s| s.fd()));
         for fd in fds {
@@ -274,8 +266,8 @@ impl MutEventSubscriber for Fs {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            let _ = self.activate_evt.read();
+        if fd == self.life.activate_evt().as_raw_fd() {
+            self.life.ack_activate();
             if self.backend_gone {
                 self.take_over(ops);
             } else {
@@ -285,7 +277,7 @@ impl MutEventSubscriber for Fs {
         }
         if let Some(i) = self.calls.iter().position(|c| c.as_raw_fd() == fd) {
             let _ = self.calls[i].read();
-            if let Some(a) = self.active.as_ref() {
+            if let Some(a) = self.life.active.as_ref() {
                 if let Err(e) = a.irq.signal_used_queue() {
                     error_limited!("virtio-fs: interrupt: {e}");
                 }
@@ -299,14 +291,13 @@ impl MutEventSubscriber for Fs {
             return;
         }
         let queue = self
-            .active
-            .as_ref()
-            .and_then(|a| a.queue_evts.iter().position(|e| e.as_raw_fd() == fd));
+            .life
+            .queue_evts()
+            .iter()
+            .position(|e| e.as_raw_fd() == fd);
         match queue {
             Some(i) => {
-                if let Some(a) = self.active.as_ref() {
-                    let _ = a.queue_evts[i].read();
-                }
+                self.life.ack_queue(i);
                 self.fail_requests();
             }
             None => {

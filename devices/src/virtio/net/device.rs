@@ -24,7 +24,6 @@ use std::sync::Arc;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::NetBackend;
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
@@ -32,6 +31,7 @@ use super::{
     random_mac, MacAddr, NetConfig, NetError, MAX_FRAME_LEN, QUEUE_SIZE, RXQ, TXQ, VNET_HDR_LEN,
 };
 use crate::virtio::iovec::{IoVecBuf, IoVecBufMut, IoVecStorage};
+use crate::virtio::lifecycle::Lifecycle;
 use crate::virtio::{
     device_type, read_config_window, ActivateContext, ActivateError, IrqLine, VirtioDevice,
 };
@@ -79,9 +79,7 @@ pub struct Net {
     /// The host end: the TAP in a VM.
     pub(super) tap: Box<dyn NetBackend>,
     mac: MacAddr,
-    pub(super) active: Option<Active>,
-    pub(super) activate_evt: EventFd,
-    pub(super) queue_evts: Vec<EventFd>,
+    pub(super) life: Lifecycle<Active>,
     /// The frame read from the TAP and not yet given to the guest.
     rx_frame: Vec<u8>,
     rx_len: usize,
@@ -91,7 +89,6 @@ pub struct Net {
     pub(super) tap_events: Option<event_manager::EventSet>,
     /// The host end is gone (passt exited or hung up): link down for good.
     pub(super) link_lost: bool,
-    pub(super) subscribed: bool,
     stats: NetStats,
 }
 
@@ -100,7 +97,7 @@ impl std::fmt::Debug for Net {
         f.debug_struct("Net")
             .field("tap", &self.tap.name())
             .field("mac", &self.mac)
-            .field("active", &self.active.is_some())
+            .field("active", &self.life.is_active())
             .field("stats", &self.stats)
             .finish()
     }
@@ -165,15 +162,12 @@ impl Net {
         Ok(Net {
             tap,
             mac: mac.unwrap_or_else(random_mac),
-            active: None,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            queue_evts: Vec::new(),
+            life: Lifecycle::new("virtio-net")?,
             rx_frame: vec![0u8; MAX_FRAME_LEN],
             rx_len: 0,
             rx_blocked: false,
             tap_events: None,
             link_lost: false,
-            subscribed: false,
             stats: NetStats::default(),
         })
     }
@@ -187,7 +181,7 @@ impl Net {
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.life.is_active()
     }
 
     /// Whether the link to the host is up (config space `status`).
@@ -208,7 +202,7 @@ impl Net {
                 self.tap.name()
             );
         }
-        if let Some(a) = self.active.as_ref() {
+        if let Some(a) = self.life.active.as_ref() {
             if let Err(e) = a.irq.signal_config_change() {
                 error_limited!("virtio-net: interrupt: {e}");
             }
@@ -224,7 +218,7 @@ impl Net {
 
     /// Send the guest's frames to the TAP. Returns whether any chain was used.
     pub fn process_tx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.life.active.as_mut() else {
             return false;
         };
         let Some(q) = a.queues.get_mut(TXQ) else {
@@ -286,7 +280,7 @@ impl Net {
     }
 
     fn rx_has_buffer(&self) -> bool {
-        let Some(a) = self.active.as_ref() else {
+        let Some(a) = self.life.active.as_ref() else {
             return false;
         };
         let Some(q) = a.queues.get(RXQ) else {
@@ -304,7 +298,7 @@ impl Net {
         self.rx_blocked = false;
         let mut added = false;
         loop {
-            if self.active.is_none() {
+            if self.life.active.is_none() {
                 break;
             }
             if self.rx_len == 0 {
@@ -350,7 +344,7 @@ impl Net {
     /// (nothing consumed); `Some(used)`: the frame is gone (delivered, or
     /// dropped because the guest's buffers are unusable).
     fn deliver_frame(&mut self) -> Option<bool> {
-        let a = self.active.as_mut()?;
+        let a = self.life.active.as_mut()?;
         let q = a.queues.get_mut(RXQ)?;
         let mergeable = a.acked & features::MRG_RXBUF != 0;
         let len = self.rx_len;
@@ -421,7 +415,7 @@ impl Net {
         let tx = self.process_tx();
         let rx = self.process_rx();
         if tx || rx {
-            if let Some(a) = self.active.as_ref() {
+            if let Some(a) = self.life.active.as_ref() {
                 if let Err(e) = a.irq.signal_used_queue() {
                     error_limited!("virtio-net: interrupt: {e}");
                 }
@@ -479,28 +473,23 @@ impl VirtioDevice for Net {
         );
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        ctx.check(self.active.is_some(), 2)?;
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.life.begin(&mut ctx, 2)?;
         self.tap
             .set_offload(Self::tun_offloads(ctx.acked_features))
             .map_err(|e| ActivateError::Backend(io::Error::other(e.to_string())))?;
-        if self.queue_evts.is_empty() {
-            self.queue_evts = ctx.queue_evts;
-        }
-        self.active = Some(Active {
+        self.rx_len = 0;
+        self.rx_blocked = false;
+        self.life.finish(Active {
             mem: ctx.mem,
             queues: ctx.queues,
             irq: ctx.irq,
             acked: ctx.acked_features,
-        });
-        self.rx_len = 0;
-        self.rx_blocked = false;
-        self.activate_evt.write(1)?;
-        Ok(())
+        })
     }
 
     fn reset(&mut self) -> bool {
-        self.active = None;
+        self.life.reset();
         self.rx_len = 0;
         if let Err(e) = self.tap.set_offload(0) {
             warn_limited!("virtio-net: {e}");

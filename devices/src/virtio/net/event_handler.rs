@@ -10,23 +10,11 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::Net;
 use super::{RXQ, TXQ};
+use crate::virtio::lifecycle::DATA_ACTIVATE;
 
-const DATA_ACTIVATE: u32 = 100;
 const DATA_TAP: u32 = 101;
 
 impl Net {
-    fn subscribe_queues(&mut self, ops: &mut EventOps) {
-        if self.subscribed {
-            return;
-        }
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                error_limited!("virtio-net: cannot watch queue {i}: {e:?}");
-            }
-        }
-        self.subscribed = true;
-    }
-
     /// Poll the backend for what the device can act on now (see the
     /// module doc); hang-ups and errors are reported whatever the set.
     fn sync_tap(&mut self, ops: &mut EventOps) {
@@ -59,15 +47,9 @@ impl Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            DATA_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error_limited!("virtio-net: cannot watch the activate eventfd: {e:?}");
-        }
+        self.life.watch_activate(ops);
         if self.is_active() {
-            self.subscribe_queues(ops);
+            self.life.subscribe_queues(ops);
             self.sync_tap(ops);
         }
     }
@@ -75,16 +57,14 @@ impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             DATA_ACTIVATE => {
-                let _ = self.activate_evt.read();
+                self.life.ack_activate();
                 if self.is_active() {
-                    self.subscribe_queues(ops);
+                    self.life.subscribe_queues(ops);
                     self.process_all();
                 }
             }
             d if d == RXQ as u32 || d == TXQ as u32 => {
-                if let Some(evt) = self.queue_evts.get(d as usize) {
-                    let _ = evt.read();
-                }
+                self.life.ack_queue(d as usize);
                 self.process_all();
             }
             DATA_TAP => {

@@ -8,13 +8,13 @@ use crate::{error_limited, warn_limited};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
 use super::packet::{parse_tx, RxBuffer};
 use super::{
     VsockConfig, VsockError, EVQ, QUEUE_SIZE, RXQ, TXQ, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
 };
+use crate::virtio::lifecycle::Lifecycle;
 use crate::virtio::{
     device_type, read_config_window, ActivateContext, ActivateError, IrqLine, VirtioDevice,
 };
@@ -31,20 +31,16 @@ pub(super) struct Active {
 pub struct Vsock {
     cfg: VsockConfig,
     pub(super) muxer: Muxer,
-    pub(super) active: Option<Active>,
-    pub(super) activate_evt: EventFd,
-    pub(super) queue_evts: Vec<EventFd>,
+    pub(super) life: Lifecycle<Active>,
     /// TX processing paused because the RX backlog is full.
     tx_stalled: bool,
-    /// Event-loop bookkeeping: queue eventfds and the muxer are watched.
-    pub(super) subscribed: bool,
 }
 
 impl std::fmt::Debug for Vsock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vsock")
             .field("cfg", &self.cfg)
-            .field("active", &self.active.is_some())
+            .field("active", &self.life.is_active())
             .field("connections", &self.muxer.connection_count())
             .finish()
     }
@@ -71,11 +67,8 @@ impl Vsock {
         Ok(Vsock {
             cfg,
             muxer,
-            active: None,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            queue_evts: Vec::new(),
+            life: Lifecycle::new("vsock")?,
             tx_stalled: false,
-            subscribed: false,
         })
     }
 
@@ -84,7 +77,7 @@ impl Vsock {
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.life.is_active()
     }
 
     /// Open connections.
@@ -100,7 +93,7 @@ impl Vsock {
     /// Move host-bound packets from the TX queue to the muxer. Returns
     /// whether used entries were added.
     pub fn process_tx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.life.active.as_mut() else {
             return false;
         };
         let Some(q) = a.queues.get_mut(TXQ) else {
@@ -133,7 +126,7 @@ impl Vsock {
     /// Fill RX buffers with what the muxer owes the guest. Returns whether
     /// used entries were added.
     pub fn process_rx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.life.active.as_mut() else {
             return false;
         };
         let Some(q) = a.queues.get_mut(RXQ) else {
@@ -198,7 +191,7 @@ impl Vsock {
     }
 
     fn signal_used(&self) {
-        if let Some(a) = self.active.as_ref() {
+        if let Some(a) = self.life.active.as_ref() {
             if let Err(e) = a.irq.signal_used_queue() {
                 error_limited!("vsock: interrupt: {e}");
             }
@@ -208,7 +201,7 @@ impl Vsock {
     /// Post VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue (e.g.
     /// after a restore); `false` if the driver left no event buffer.
     pub fn send_transport_reset(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.life.active.as_mut() else {
             return false;
         };
         let Some(q) = a.queues.get_mut(EVQ) else {
@@ -261,24 +254,19 @@ impl VirtioDevice for Vsock {
         );
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        ctx.check(self.active.is_some(), 3)?;
-        if self.queue_evts.is_empty() {
-            self.queue_evts = ctx.queue_evts;
-        }
-        self.active = Some(Active {
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.life.begin(&mut ctx, 3)?;
+        self.life.finish(Active {
             mem: ctx.mem,
             queues: ctx.queues,
             irq: ctx.irq,
-        });
-        self.activate_evt.write(1)?;
-        Ok(())
+        })
     }
 
     fn reset(&mut self) -> bool {
         // Every connection goes: host clients see their socket close.
         self.muxer.reset();
-        self.active = None;
+        self.life.reset();
         self.tx_stalled = false;
         true
     }
