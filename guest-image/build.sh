@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Builds the b2p guest image: vmlinuz64 + boot2podman.gz + manifest.
+# Builds the b2p guest image: vmlinuz64 + vmlinux + boot2podman.gz + manifest.
 #
 #   guest-image/build.sh [--force] [--update] [--out DIR] [--verify-reproducible]
 #
 # Outputs go to $B2P_CACHE/image (B2P_CACHE defaults to ~/.cache/b2p); the
-# Debian bookworm .debs are kept in $B2P_CACHE/debs together with the resolved
+# Debian trixie .debs are kept in $B2P_CACHE/debs together with the resolved
 # set (debs/SET). A build with unchanged inputs (.deb set, recipe files under
 # guest-image/ except agent/, agent binary) does nothing. Same .debs, same bytes.
 #
@@ -26,9 +26,9 @@ DEBS=$CACHE/debs
 OUT=$CACHE/image
 MIRROR=${B2P_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECMIRROR=${B2P_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
-SUITE=bookworm
-# Fixed timestamp for every file in the outputs (2023-06-10, bookworm's release).
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1686355200}
+SUITE=trixie
+# Fixed timestamp for every file in the outputs (2025-08-09, trixie's release).
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1754697600}
 GZIP_LEVEL=${B2P_GZIP_LEVEL:-9}
 FORCE=0 UPDATE=0 VERIFY=0
 while (($#)); do
@@ -70,7 +70,7 @@ if ((VERIFY)); then
     B2P_AGENT=$agent "$0" --force --out "$tmp/b"; ref=$tmp/b
   fi
   ok=1
-  for f in vmlinuz64 boot2podman.gz boot2podman.lz4; do
+  for f in vmlinuz64 vmlinux boot2podman.gz boot2podman.lz4; do
     a=$(sha256sum <"$tmp/a/$f" | cut -d' ' -f1); b=$(sha256sum <"$ref/$f" | cut -d' ' -f1)
     if [ "$a" = "$b" ]; then echo "reproducible: $f $a"; else echo "NOT reproducible: $f $a != $b"; ok=0; fi
   done
@@ -84,7 +84,7 @@ trap 'rm -rf "$WORK"' EXIT
 mapfile -t PKGS < <(sed -e 's/#.*//' -e '/^\s*$/d' "$HERE/packages.list")
 
 # ---------------------------------------------------------------- resolve
-# Resolves the package set with a private apt (empty dpkg status, bookworm +
+# Resolves the package set with a private apt (empty dpkg status, trixie +
 # updates + security) and downloads it into $DEBS. Only on the first build or
 # with --update; later builds reuse debs/SET offline.
 resolve() {
@@ -119,14 +119,12 @@ CONF
   apt-get -q update >"$WORK/apt-update.log" 2>&1 || { cat "$WORK/apt-update.log"; die "apt-get update failed"; }
   # The rootfs set: Essential packages + packages.list, dependencies resolved.
   apt-get -s -q install '?essential' "${PKGS[@]}" >"$WORK/sim.txt" || die "resolution failed"
-  # The kernel: the metapackage and the image it points to (extracted, not installed).
-  local kpkg
-  kpkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
-  [ -n "$kpkg" ] || die "cannot resolve linux-image-cloud-amd64"
+  # The kernel source (built by kernel/build.sh, never installed).
+  local kver
+  kver=$(apt-cache policy linux-source-6.12 | awk '/Candidate:/ {print $2}')
+  [ -n "$kver" ] && [ "$kver" != "(none)" ] || die "cannot resolve linux-source-6.12"
   { awk '/^Inst / {gsub(/[()]/,""); print $2, $3}' "$WORK/sim.txt"
-    for p in linux-image-cloud-amd64 "$kpkg"; do
-      echo "$p $(apt-cache policy "$p" | awk '/Candidate:/ {print $2}')"
-    done; } | sort -u >"$WORK/want"
+    echo "linux-source-6.12 $kver"; } | sort -u >"$WORK/want"
   info "$(wc -l <"$WORK/want") packages resolved; downloading what is not cached"
   (cd "$DEBS" && awk '{print $1"="$2}' "$WORK/want" | xargs apt-get -q download) \
     >"$WORK/download.log" 2>&1 || { tail -20 "$WORK/download.log"; die "download failed"; }
@@ -177,7 +175,7 @@ AGENT_SUM=none
 INPUTS=$( { cat "$DEBS/SET"; echo "agent $AGENT_SUM"; echo "sde $SOURCE_DATE_EPOCH gzip $GZIP_LEVEL mirror $MIRROR $SECMIRROR";
   cd "$HERE" && find . -path ./agent -prune -o -type f -print | LC_ALL=C sort | xargs sha256sum; } | sha256sum | cut -d' ' -f1)
 if ((!FORCE)) && [ -f "$OUT/inputs" ] && [ "$(cat "$OUT/inputs")" = "$INPUTS" ] \
-   && [ -f "$OUT/vmlinuz64" ] && [ -f "$OUT/boot2podman.gz" ] && [ -f "$OUT/boot2podman.lz4" ]; then
+   && [ -f "$OUT/vmlinuz64" ] && [ -f "$OUT/vmlinux" ] && [ -f "$OUT/boot2podman.gz" ] && [ -f "$OUT/boot2podman.lz4" ]; then
   echo "up to date: $OUT (inputs $INPUTS)"
   ls -l "$OUT"
   exit 0
@@ -208,40 +206,25 @@ nice mmdebstrap --variant=essential --include="$INC" --mode=root \
   --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
   --dpkgopt='path-exclude=/usr/share/lintian/*' --dpkgopt='path-exclude=/usr/share/zsh/*' \
   --dpkgopt='path-exclude=/usr/share/bash-completion/*' --dpkgopt='path-exclude=/usr/share/fish/*' \
+  --dpkgopt='path-exclude=/usr/libexec/podman/podman-testing' --dpkgopt='path-exclude=/usr/lib/x86_64-linux-gnu/*.a' \
+  --dpkgopt='path-exclude=/usr/libexec/podman/quadlet' --dpkgopt='path-exclude=/usr/lib/systemd/*' \
   $SUITE "$RFS" "deb [trusted=yes] copy://$REPO ./" 2>&1 | sed -u 's/^/    /'
 [ -x "$RFS/usr/bin/podman" ] || die "mmdebstrap did not install podman"
 
-step "kernel and modules"
-KDEB=$(awk '{print $1}' "$DEBS/SET" | grep -E '^linux-image-[0-9].*-cloud-amd64_' | sed -n 1p)
-[ -n "$KDEB" ] || die "no linux-image deb in SET"
-mkdir -p "$WORK/kernel"
-dpkg-deb -x "$DEBS/$KDEB" "$WORK/kernel"
-KVER=$(ls "$WORK/kernel/lib/modules" | sed -n 1p)
-info "kernel $KVER"
+step "kernel (guest-image/kernel/build.sh from linux-source-6.12; no modules)"
+KDEB=$(awk '{print $1}' "$DEBS/SET" | grep -E '^linux-source-6\.12_' | sed -n 1p)
+[ -n "$KDEB" ] || die "no linux-source-6.12 deb in SET: run with --update"
+# Its progress goes to stderr; the last stdout line is its output directory
+# (cached there by .deb sha256, config and toolchain).
+KDIR=$(B2P_CACHE=$CACHE bash "$HERE/kernel/build.sh" --deb "$DEBS/$KDEB" | tail -1) || die "kernel build failed"
+for f in vmlinuz64 vmlinux config version; do [ -f "$KDIR/$f" ] || die "kernel/build.sh left no $f in $KDIR"; done
+KVER=$(cat "$KDIR/version")
 mkdir -p "$WORK/out"
-cp "$WORK/kernel/boot/vmlinuz-$KVER" "$WORK/out/vmlinuz64"
-MD=$RFS/lib/modules/$KVER
-rm -rf "$RFS/lib/modules"; mkdir -p "$RFS/lib/modules"
-cp -a "$WORK/kernel/lib/modules/$KVER" "$MD"
-chroot "$RFS" depmod "$KVER"
-: >"$WORK/keep"
-while read -r m; do
-  case $m in
-    */) (cd "$MD" && find "$m" -name '*.ko*') >>"$WORK/keep"
-        for f in $(cd "$MD" && find "$m" -name '*.ko*'); do
-          chroot "$RFS" modprobe -S "$KVER" --show-depends "$(basename "${f%%.ko*}")" | awk '$1=="insmod" {print $2}' \
-            | sed "s|^/lib/modules/$KVER/||" >>"$WORK/keep"
-        done ;;
-    *)  chroot "$RFS" modprobe -S "$KVER" --show-depends "$m" >"$WORK/dep" || die "module $m unknown"
-        awk '$1=="insmod" {print $2}' "$WORK/dep" | sed "s|^/lib/modules/$KVER/||" >>"$WORK/keep" ;;
-  esac
-done < <(sed -e 's/#.*//' -e '/^\s*$/d' "$HERE/modules.list")
-sort -u "$WORK/keep" -o "$WORK/keep"
-(cd "$MD" && find kernel -name '*.ko*' | sort) | comm -23 - "$WORK/keep" | (cd "$MD" && xargs rm -f)
-find "$MD/kernel" -type d -empty -delete
-rm -f "$MD"/build "$MD"/source
-chroot "$RFS" depmod "$KVER"
-info "$(wc -l <"$WORK/keep") modules kept ($(du -sh "$MD" | cut -f1))"
+cp "$KDIR/vmlinuz64" "$KDIR/vmlinux" "$WORK/out/"
+KCONFIG_SUM=$(sha256sum <"$KDIR/config" | cut -d' ' -f1)
+# Everything is built in: the image carries no modules.
+rm -rf "$RFS/usr/lib/modules"
+info "kernel $KVER (config sha256 $KCONFIG_SUM)"
 
 step "configuration, init, busybox OCI image, agent"
 # Recipe files (init, containers configs, ...) over the rootfs.
@@ -254,8 +237,6 @@ grep -q '^tc:' "$RFS/etc/passwd" || {
   echo 'tc:*:19518:0:99999:7:::' >>"$RFS/etc/shadow"
   echo 'tc:1000000:65536' >>"$RFS/etc/subuid"; echo 'tc:1000000:65536' >>"$RFS/etc/subgid"
 }
-# Modules the init loads (modules.list minus the directory entries).
-sed -e 's/#.*//' -e '/^\s*$/d' -e '/\/$/d' "$HERE/modules.list" >"$RFS/etc/b2p/modules"
 # busybox applets the image has no other provider for: system tools in
 # /usr/sbin, the ones a user (tc's PATH has no sbin) types in /usr/bin.
 for a in ip udhcpc devmem poweroff reboot halt usleep; do
@@ -309,20 +290,23 @@ step "manifest"
   echo "inputs $INPUTS"
   echo "source-date-epoch $SOURCE_DATE_EPOCH"
   echo "kernel $KVER"
+  echo "kernel-config $KCONFIG_SUM"
   echo "agent $AGENT_SUM"
   echo "uncompressed boot2podman.cpio $USIZE"
-  for f in vmlinuz64 boot2podman.gz boot2podman.lz4; do
+  for f in vmlinuz64 vmlinux boot2podman.gz boot2podman.lz4; do
     echo "output $f $(stat -c %s "$WORK/out/$f") $(sha256sum <"$WORK/out/$f" | cut -d' ' -f1)"
   done
   echo "$PKGLIST" | sed 's/^/package /'
-  echo "package $(dpkg-deb -f "$DEBS/$KDEB" Package Version Architecture | awk -F': ' '{printf "%s ", $2}' | sed 's/ $//')"
+  echo "source $(dpkg-deb -f "$DEBS/$KDEB" Package Version Architecture | awk -F': ' '{printf "%s ", $2}' | sed 's/ $//')"
   sed 's/^/deb /' "$DEBS/SET"
 } >"$WORK/out/manifest"
 echo "$INPUTS" >"$WORK/out/inputs"
-for f in vmlinuz64 boot2podman.gz boot2podman.lz4 manifest inputs; do mv -f "$WORK/out/$f" "$OUT/$f"; done
+for f in vmlinuz64 vmlinux boot2podman.gz boot2podman.lz4 manifest inputs; do mv -f "$WORK/out/$f" "$OUT/$f"; done
 
 echo "==> done in $(el): $OUT"
-printf '    %-16s %10s  %s\n' vmlinuz64 "$(human "$(stat -c %s "$OUT/vmlinuz64")")" "$(sha256sum <"$OUT/vmlinuz64" | cut -c1-16)"
+for f in vmlinuz64 vmlinux; do
+  printf '    %-16s %10s  %s\n' $f "$(human "$(stat -c %s "$OUT/$f")")" "$(sha256sum <"$OUT/$f" | cut -c1-16)"
+done
 printf '    %-16s %10s  %s (uncompressed %s)\n' boot2podman.gz "$(human "$(stat -c %s "$OUT/boot2podman.gz")")" \
   "$(sha256sum <"$OUT/boot2podman.gz" | cut -c1-16)" "$(human "$USIZE")"
 printf '    %-16s %10s  %s\n' boot2podman.lz4 "$(human "$(stat -c %s "$OUT/boot2podman.lz4")")" "$(sha256sum <"$OUT/boot2podman.lz4" | cut -c1-16)"

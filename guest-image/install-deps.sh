@@ -4,7 +4,7 @@
 # need. Idempotent.
 set -euo pipefail
 PKGS=(
-  mmdebstrap debian-archive-keyring apt dpkg   # build: resolve, download, install bookworm debs
+  mmdebstrap debian-archive-keyring apt dpkg   # build: resolve, download, install trixie debs
   cpio gzip lz4 tar coreutils findutils mount  # build: archive (gzip + legacy lz4), trim
   qemu-system-x86                              # tests: -M microvm -accel tcg boots
   e2fsprogs fdisk util-linux                   # tests: mkfs.ext4, sfdisk, blkid, unshare

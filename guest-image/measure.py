@@ -3,6 +3,11 @@
 
   guest-image/measure.py boot  [--runs N]    QEMU start -> kernel milestones -> "b2p: userspace ready"
   guest-image/measure.py unpack [--runs N]   initrd unpack time: gzip vs zstd vs lz4 (legacy -l)
+  guest-image/measure.py compare --old DIR [--new DIR]... [--runs N]
+                                             images, interleaved: QEMU start -> "Run /init"
+                                             -> "b2p: userspace ready" -> the agent answers
+                                             io.podman.GetVersion over vsock; each new image
+                                             with its bzImage and, when present, its vmlinux (PVH)
 
 Both boot vmlinuz64 from $B2P_CACHE/image (default ~/.cache/b2p/image) with
 `qemu-system-x86_64 -M microvm -accel tcg`, timestamp each console line on
@@ -107,11 +112,151 @@ def unpack(runs):
                 print(f"  {name:26s} {size:6.1f} MiB  unpack: markers not seen (kernel lacks this decompressor?)")
 
 
+def which(name):
+    for d in os.environ.get("PATH", "").split(":") + [os.path.expanduser("~/.cargo/bin")]:
+        if d and os.path.isfile(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return None
+
+
+def getversion(uds, timeout):
+    """One io.podman.GetVersion through vhost-device-vsock's hybrid socket; the version or None."""
+    import json, socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(uds)
+        s.sendall(b"CONNECT 1024\n")
+        buf = b""
+        while b"\n" not in buf:
+            c = s.recv(64)
+            if not c:
+                return None
+            buf += c
+        if not buf.startswith(b"OK "):
+            return None
+        s.sendall(json.dumps({"method": "io.podman.GetVersion", "parameters": {}}).encode() + b"\0")
+        buf = buf[buf.index(b"\n") + 1:]
+        while not buf.endswith(b"\0"):
+            c = s.recv(4096)
+            if not c:
+                return None
+            buf += c
+        v = json.loads(buf[:-1])
+        if not isinstance(v, dict) or "error" in v:
+            return None
+        ver = (v.get("parameters") or {}).get("version")
+        return (ver.get("version") if isinstance(ver, dict) else ver) or "?"
+    except (OSError, ValueError):
+        return None
+    finally:
+        s.close()
+
+
+def boot_vsock(kernel, initrd, vhost_bin, timeout=240):
+    """Boots with a vhost-user vsock (as tests/guest_image/vsock.rs); returns
+    {"Run /init": s, "userspace ready": s, "GetVersion": s} in host seconds from QEMU start."""
+    import threading
+    with tempfile.TemporaryDirectory(prefix="b2p-measure.", dir="/var/tmp") as d:
+        vs, uds = os.path.join(d, "vhost.sock"), os.path.join(d, "vsock.sock")
+        vh = subprocess.Popen([vhost_bin, "--vm", f"guest-cid=3,socket={vs},uds-path={uds}"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            end = time.monotonic() + 20
+            while not os.path.exists(vs) and time.monotonic() < end:
+                time.sleep(0.02)
+            args = ["qemu-system-x86_64", "-M", "microvm,memory-backend=mem0", "-accel", "tcg", "-cpu", "max",
+                    "-m", "2048", "-smp", "2", "-object", "memory-backend-memfd,id=mem0,size=2048M,share=on",
+                    "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+                    "-global", "virtio-mmio.force-legacy=false", "-serial", "stdio", "-monitor", "none",
+                    "-display", "none", "-kernel", kernel, "-initrd", initrd,
+                    "-append", f"console=ttyS0 tsc_early_khz={host_khz()} panic=-1",
+                    "-device", "virtio-rng-device", "-chardev", f"socket,id=c0,path={vs}",
+                    "-device", "vhost-user-vsock-device,chardev=c0"]
+            seen, tail, stop = {}, [], []
+            t0 = time.monotonic()
+            p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+            def console():
+                for raw in p.stdout:
+                    line = raw.decode(errors="replace")
+                    tail.append(line)
+                    del tail[:-20]
+                    for m in ("Run /init", "b2p: userspace ready"):
+                        if m in line and m not in seen:
+                            seen[m] = time.monotonic() - t0
+                    if "Kernel panic" in line or "System halted" in line:
+                        stop.append(line)
+            th = threading.Thread(target=console, daemon=True)
+            th.start()
+            try:
+                while time.monotonic() - t0 < timeout and p.poll() is None and not stop:
+                    if getversion(uds, 5):
+                        seen["GetVersion"] = time.monotonic() - t0
+                        break
+                    time.sleep(0.25)
+            finally:
+                p.kill()
+                p.wait()
+            th.join(5)
+            if "GetVersion" not in seen:
+                print("    no GetVersion answer; console tail:\n    " + "    ".join(tail[-8:]), flush=True)
+            return {k.replace("b2p: ", ""): v for k, v in seen.items()}
+        finally:
+            vh.kill()
+            vh.wait()
+
+
+def compare(old, news, runs):
+    vhost = which("vhost-device-vsock")
+    if not vhost:
+        sys.exit("vhost-device-vsock not found (cargo install vhost-device-vsock)")
+    def initrd(d):
+        return os.path.join(d, "boot2podman.lz4" if os.path.isfile(os.path.join(d, "boot2podman.lz4")) else "boot2podman.gz")
+    peers = [("old bzImage", os.path.join(old, "vmlinuz64"), initrd(old))]
+    for n, new in enumerate(news):
+        tag = f"new{n + 1 if len(news) > 1 else ''}"
+        peers.append((f"{tag} bzImage", os.path.join(new, "vmlinuz64"), initrd(new)))
+        if os.path.isfile(os.path.join(new, "vmlinux")):
+            peers.append((f"{tag} vmlinux (PVH)", os.path.join(new, "vmlinux"), initrd(new)))
+    for name, k, i in peers:
+        print(f"{name}: {k} ({os.path.getsize(k) / 2**20:.1f} MiB), {i} ({os.path.getsize(i) / 2**20:.1f} MiB)", flush=True)
+    marks = ["Run /init", "userspace ready", "GetVersion"]
+    res = {name: {m: [] for m in marks} for name, _, _ in peers}
+    for r in range(runs):
+        for name, k, i in peers:  # interleaved: each round boots every peer once
+            seen = boot_vsock(k, i, vhost)
+            for m in marks:
+                if m in seen:
+                    res[name][m].append(seen[m])
+            print(f"round {r + 1} {name}: " + ", ".join(f"{m} {seen[m]:.2f}s" for m in marks if m in seen), flush=True)
+    print(f"host seconds from QEMU start, QEMU TCG, no disk, load average {os.getloadavg()[0]:.1f}:")
+    base = {m: statistics.median(res["old bzImage"][m]) for m in marks if res["old bzImage"][m]}
+    for name, _, _ in peers:
+        for m in marks:
+            xs = res[name][m]
+            if not xs:
+                print(f"  {name:20s} {m:16s} not reached")
+                continue
+            ratio = f"  ratio to old {statistics.median(xs) / base[m]:.2f}" if m in base else ""
+            print(f"  {name:20s} {m:16s} {stats(xs)}{ratio}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["boot", "unpack"])
+    ap.add_argument("what", choices=["boot", "unpack", "compare"])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--old", help="compare: the reference image directory")
+    ap.add_argument("--new", action="append", help="compare: a new image directory (repeatable; default $B2P_CACHE/image)")
     a = ap.parse_args()
+    if a.what == "compare":
+        if not a.old:
+            sys.exit("compare needs --old DIR")
+        news = a.new or [IMG]
+        for d in [a.old] + news:
+            if not os.path.isfile(os.path.join(d, "vmlinuz64")):
+                sys.exit(f"{d}/vmlinuz64 missing")
+        return compare(a.old, news, a.runs)
     for f in ("vmlinuz64", "boot2podman.gz"):
         if not os.path.isfile(os.path.join(IMG, f)):
             sys.exit(f"{IMG}/{f} missing: run guest-image/build.sh")
