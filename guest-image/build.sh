@@ -24,8 +24,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 CACHE=${B2P_CACHE:-$HOME/.cache/b2p}
 DEBS=$CACHE/debs
 OUT=$CACHE/image
-MIRROR=${B2P_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-SECMIRROR=${B2P_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+. "$HERE/mirror.sh"
 SUITE=trixie
 # Fixed timestamp for every file in the outputs (2025-08-09, trixie's release).
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1754697600}

@@ -36,8 +36,7 @@ FRAGMENT=$HERE/b2p.config
 PATCHES=$HERE/patches
 BASE=allnoconfig
 RECIPE=1 # bump when this script changes what it produces
-MIRROR=${B2P_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-SECMIRROR=${B2P_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+. "$HERE/../mirror.sh"
 SUITE=trixie
 JOBS=${B2P_KERNEL_JOBS:-$(nproc)}
 DEB= OUTDIR= FORCE=0
