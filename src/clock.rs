@@ -280,14 +280,12 @@ mod tests {
         assert_eq!(d.poll(), None);
     }
 
-    #[test]
-    fn an_agent_without_settime_is_not_asked_again() {
-        let dir = std::env::temp_dir().join(format!("b2p-clock-old-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let uds = dir.join("vsock.sock");
-        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
-        let t = std::thread::spawn(move || {
+    /// A one-connection stand-in for the VM's hybrid vsock socket and the
+    /// agent behind it: answers the CONNECT line with `OK 1024`, reads one
+    /// varlink call and answers `reply`. Returns the CONNECT line and the call.
+    fn fake_agent(uds: &Path, reply: &'static [u8]) -> std::thread::JoinHandle<(String, String)> {
+        let l = std::os::unix::net::UnixListener::bind(uds).unwrap();
+        std::thread::spawn(move || {
             use std::io::{BufRead, BufReader, Write};
             let (s, _) = l.accept().unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
@@ -296,9 +294,21 @@ mod tests {
             (&s).write_all(b"OK 1024\n").unwrap();
             let mut call = Vec::new();
             r.read_until(0, &mut call).unwrap();
-            (&s).write_all(b"{\"error\":\"org.varlink.service.MethodNotFound\",\"parameters\":{\"method\":\"SetTime\"}}\0")
-                .unwrap();
-        });
+            (&s).write_all(reply).unwrap();
+            (line, String::from_utf8_lossy(&call).into_owned())
+        })
+    }
+
+    #[test]
+    fn an_agent_without_settime_is_not_asked_again() {
+        let dir = std::env::temp_dir().join(format!("b2p-clock-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("vsock.sock");
+        let t = fake_agent(
+            &uds,
+            b"{\"error\":\"org.varlink.service.MethodNotFound\",\"parameters\":{\"method\":\"SetTime\"}}\0",
+        );
         let begin = std::time::Instant::now();
         assert_eq!(set_with_retries(&uds, 30, "test"), Setting::Unsupported);
         assert!(begin.elapsed() < Duration::from_secs(5));
@@ -320,22 +330,10 @@ mod tests {
         let uds = dir.join("vsock.sock");
         assert!(set_guest_time(&uds).is_err());
         // A vsock socket that answers the handshake, then an error reply.
-        let l = std::os::unix::net::UnixListener::bind(&uds).unwrap();
-        let t = std::thread::spawn(move || {
-            use std::io::{BufRead, BufReader, Write};
-            let (s, _) = l.accept().unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            r.read_line(&mut line).unwrap();
-            (&s).write_all(b"OK 1024\n").unwrap();
-            let mut call = Vec::new();
-            r.read_until(0, &mut call).unwrap();
-            (&s).write_all(
-                b"{\"error\":\"io.b2p.Machine.ErrorOccurred\",\"parameters\":{\"reason\":\"no\"}}\0",
-            )
-            .unwrap();
-            (line, String::from_utf8_lossy(&call).into_owned())
-        });
+        let t = fake_agent(
+            &uds,
+            b"{\"error\":\"io.b2p.Machine.ErrorOccurred\",\"parameters\":{\"reason\":\"no\"}}\0",
+        );
         let e = set_guest_time(&uds).unwrap_err();
         assert!(e.to_string().contains("ErrorOccurred"), "{e}");
         let (line, call) = t.join().unwrap();
