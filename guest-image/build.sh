@@ -25,6 +25,7 @@ CACHE=${B2P_CACHE:-$HOME/.cache/b2p}
 DEBS=$CACHE/debs
 OUT=$CACHE/image
 . "$HERE/mirror.sh"
+. "$HERE/apt.sh"
 SUITE=trixie
 # Fixed timestamp for every file in the outputs (2025-08-09, trixie's release).
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1754697600}
@@ -88,31 +89,7 @@ mapfile -t PKGS < <(sed -e 's/#.*//' -e '/^\s*$/d' "$HERE/packages.list")
 # with --update; later builds reuse debs/SET offline.
 resolve() {
   local A=$WORK/apt
-  mkdir -p "$A/etc/apt/apt.conf.d" "$A/etc/apt/preferences.d" "$A/etc/apt/sources.list.d" \
-    "$A/lists/partial" "$A/cache" "$DEBS/partial"
-  : >"$A/status"
-  local kr=/usr/share/keyrings/debian-archive-keyring.gpg
-  [ -f "$kr" ] || die "$kr missing: apt-get install debian-archive-keyring"
-  cat >"$A/etc/apt/sources.list" <<SRC
-deb [signed-by=$kr] $MIRROR $SUITE main
-deb [signed-by=$kr] $MIRROR $SUITE-updates main
-deb [signed-by=$kr] $SECMIRROR $SUITE-security main
-SRC
-  cat >"$A/apt.conf" <<CONF
-Dir "$A/";
-Dir::Etc "$A/etc/apt/";
-Dir::State "$A/";
-Dir::State::lists "$A/lists/";
-Dir::State::status "$A/status";
-Dir::Cache "$A/cache/";
-Dir::Cache::archives "$DEBS/";
-APT::Architecture "amd64";
-APT::Architectures { "amd64"; };
-APT::Install-Recommends "false";
-APT::Install-Suggests "false";
-Debug::NoLocking "true";
-Acquire::Languages "none";
-CONF
+  private_apt "$A" "$DEBS" || die "no private apt"
   export APT_CONFIG=$A/apt.conf
   info "apt-get update ($MIRROR $SUITE, -updates, -security)"
   apt-get -q update >"$WORK/apt-update.log" 2>&1 || { cat "$WORK/apt-update.log"; die "apt-get update failed"; }

@@ -37,6 +37,7 @@ PATCHES=$HERE/patches
 BASE=allnoconfig
 RECIPE=1 # bump when this script changes what it produces
 . "$HERE/../mirror.sh"
+. "$HERE/../apt.sh"
 SUITE=trixie
 JOBS=${B2P_KERNEL_JOBS:-$(nproc)}
 DEB= OUTDIR= FORCE=0
@@ -65,31 +66,9 @@ done
 # ---------------------------------------------------------------- source .deb
 step "source package"
 if [ -z "$DEB" ]; then
-  # A private apt (empty dpkg status, trixie + updates + security), as in
-  # guest-image/build.sh; only linux-source-6.12 is downloaded.
+  # guest-image/apt.sh's private apt; only linux-source-6.12 is downloaded.
   A=$KCACHE/apt
-  mkdir -p "$A/etc/apt/apt.conf.d" "$A/etc/apt/preferences.d" "$A/lists/partial" "$A/cache" "$KCACHE/debs/partial"
-  : >"$A/status"
-  kr=/usr/share/keyrings/debian-archive-keyring.gpg
-  [ -f "$kr" ] || die "$kr missing: apt-get install debian-archive-keyring"
-  cat >"$A/etc/apt/sources.list" <<SRC
-deb [signed-by=$kr] $MIRROR $SUITE main
-deb [signed-by=$kr] $MIRROR $SUITE-updates main
-deb [signed-by=$kr] $SECMIRROR $SUITE-security main
-SRC
-  cat >"$A/apt.conf" <<CONF
-Dir "$A/";
-Dir::Etc "$A/etc/apt/";
-Dir::State "$A/";
-Dir::State::lists "$A/lists/";
-Dir::State::status "$A/status";
-Dir::Cache "$A/cache/";
-Dir::Cache::archives "$KCACHE/debs/";
-APT::Architecture "amd64";
-APT::Architectures { "amd64"; };
-Debug::NoLocking "true";
-Acquire::Languages "none";
-CONF
+  private_apt "$A" "$KCACHE/debs" || die "no private apt"
   ver=
   if APT_CONFIG=$A/apt.conf apt-get -q update >"$A/update.log" 2>&1; then
     ver=$(APT_CONFIG=$A/apt.conf apt-cache policy linux-source-6.12 | awk '/Candidate:/ {print $2}')
