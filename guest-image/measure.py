@@ -3,6 +3,7 @@
 
   guest-image/measure.py boot  [--runs N]    QEMU start -> kernel milestones -> "b2p: userspace ready"
   guest-image/measure.py unpack [--runs N]   initrd unpack time: gzip vs zstd vs lz4 (legacy -l)
+                                             vs the uncompressed cpio
   guest-image/measure.py compare --old DIR [--new DIR]... [--runs N]
                                              images, interleaved: QEMU start -> "Run /init"
                                              -> "b2p: userspace ready" -> the agent answers
@@ -13,7 +14,9 @@ Both boot vmlinuz64 from $B2P_CACHE/image (default ~/.cache/b2p/image) with
 `qemu-system-x86_64 -M microvm -accel tcg`, timestamp each console line on
 the host, and print min/median/max. `unpack` recompresses the initrd's cpio
 and reads the kernel's own timestamps from "Trying to unpack rootfs image"
-to "Freeing initrd memory" (the guest is stopped right after).
+(or "Unpacking initramfs") to "Freeing initrd memory" (the guest is stopped
+right after). `compare` boots each image's default initrd, as the monitors
+do: boot2podman.lz4, else .gz.
 """
 import argparse, os, statistics, subprocess, sys, tempfile, time
 
@@ -36,7 +39,7 @@ def qemu(initrd, cmdline, stop_at, timeout=300):
             "-display", "none", "-kernel", os.path.join(IMG, "vmlinuz64"), "-initrd", initrd,
             "-append", f"console=ttyS0 tsc_early_khz={host_khz()} panic=-1 {cmdline}",
             "-device", "virtio-rng-device"]
-    markers = ["Linux version", "Trying to unpack rootfs", "Freeing initrd memory",
+    markers = ["Linux version", "Trying to unpack rootfs", "Unpacking initramfs", "Freeing initrd memory",
                "Run /init", "b2p: stage 2", "b2p: userspace ready"]
     seen = {}
     t0 = time.monotonic()
@@ -87,6 +90,7 @@ def unpack(runs):
             "gzip -9 (boot2podman.gz)": os.path.join(IMG, "boot2podman.gz"),
             "zstd -19": (f"zstd -q -19 -T0 -c '{cpio}'", "b2p.zst"),
             "lz4 -l -9 (legacy)": (f"lz4 -q -l -9 -c '{cpio}'", "b2p.lz4"),
+            "none (boot2podman.cpio)": cpio,
         }
         for name, v in variants.items():
             if isinstance(v, tuple):
@@ -100,7 +104,8 @@ def unpack(runs):
             ks, hs = [], []
             for _ in range(runs):
                 seen = qemu(path, "rdinit=/bin/true", "Freeing initrd memory")
-                a, b = seen.get("Trying to unpack rootfs"), seen.get("Freeing initrd memory")
+                a = seen.get("Trying to unpack rootfs") or seen.get("Unpacking initramfs")
+                b = seen.get("Freeing initrd memory")
                 if a and b and a[1] is not None and b[1] is not None:
                     ks.append(b[1] - a[1])
                     hs.append(b[0])
@@ -211,7 +216,7 @@ def compare(old, news, runs):
     vhost = which("vhost-device-vsock")
     if not vhost:
         sys.exit("vhost-device-vsock not found (cargo install vhost-device-vsock)")
-    def initrd(d):
+    def initrd(d):  # what the monitors boot by default (vmm/src/image.rs)
         return os.path.join(d, "boot2podman.lz4" if os.path.isfile(os.path.join(d, "boot2podman.lz4")) else "boot2podman.gz")
     peers = [("old bzImage", os.path.join(old, "vmlinuz64"), initrd(old))]
     for n, new in enumerate(news):

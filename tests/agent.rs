@@ -461,6 +461,71 @@ fn check_agent(fx: &Fixture, image: &str) {
     );
 }
 
+/// `--wait-milestone busybox-image` (the image's agent.sh): the agent keeps
+/// its ports shut until the init's milestones file names the milestone, even
+/// once Podman answers, so a host never reaches a Podman that is still
+/// loading the busybox image.
+#[test]
+fn wait_milestone_keeps_the_ports_shut_until_the_init_gets_there() {
+    if let Some(reason) = missing_prerequisite() {
+        return skip(&reason);
+    }
+    const HOLD: Duration = Duration::from_secs(4);
+    let name = "waitms";
+    let dir = std::env::temp_dir().join(format!("b2p-{name}-{}", std::process::id()));
+    // Stands in for the init: HOLD after the agent starts (its log is
+    // created at spawn), it appends the milestone line.
+    let init = {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            let log = dir.join("agent.log");
+            let end = Instant::now() + Duration::from_secs(120);
+            while !log.exists() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(HOLD);
+            let up = std::fs::read_to_string("/proc/uptime").unwrap();
+            let up = up.split_whitespace().next().unwrap().to_string();
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.join("milestones"))
+                .unwrap();
+            std::io::Write::write_all(&mut f, format!("busybox-image {up}\n").as_bytes()).unwrap();
+            Instant::now()
+        })
+    };
+    let fx = Fixture::start_with(
+        name,
+        &["--podman-at-start", "--wait-milestone", "busybox-image"],
+    );
+    let listening = Instant::now();
+    let written = init.join().unwrap();
+    assert!(
+        listening >= written,
+        "the agent listened {:?} before the milestone was written:\n{}",
+        written - listening,
+        fx.log()
+    );
+    assert!(
+        fx.log().contains("the init reached busybox-image"),
+        "{}",
+        fx.log()
+    );
+    let st = fx.call("io.b2p.Machine.GetStatus", "{}");
+    let names: Vec<&str> = st["parameters"]["status"]["milestones"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    let at = |n: &str| names.iter().position(|m| *m == n);
+    assert!(
+        at("busybox-image").is_some() && at("busybox-image") < at("agent-listening"),
+        "{st}"
+    );
+    assert!(at("podman-ready").is_some(), "{st}");
+}
+
 /// `--podman-at-start`: the agent starts Podman's service and opens its
 /// socket only once Podman answers, so its first GetVersion needs no start
 /// of the service; the podman-ready milestone comes before agent-listening.

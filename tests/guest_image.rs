@@ -414,6 +414,12 @@ fn shutdown_leaves_the_data_disk_clean() {
             pos("podman-ready").is_some() && pos("podman-ready") < pos("agent-listening"),
             "milestones: {st}"
         );
+        // agent.sh's --wait-milestone: the busybox image is in before the
+        // agent opens its ports.
+        assert!(
+            pos("busybox-image").is_some() && pos("busybox-image") < pos("agent-listening"),
+            "milestones: {st}"
+        );
 
         // A container that reads what the earlier boots wrote, adds its
         // line, and keeps writing until the shutdown stops it.

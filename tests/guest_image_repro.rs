@@ -1,5 +1,5 @@
 //! Determinism of the guest image: `guest-image/build.sh --verify-reproducible`
-//! rebuilds vmlinuz64, boot2podman.gz and boot2podman.lz4 from the cached
+//! rebuilds vmlinuz64, vmlinux, boot2podman.gz and boot2podman.lz4 from the cached
 //! .debs and compares their sha256 with the built ones. A full rebuild takes
 //! a minute or more, so it runs only with B2P_TEST_REPRO=1 or in CI
 //! (CI=true, as `.ci/run` is run).
@@ -33,7 +33,7 @@ fn two_builds_from_the_same_debs_are_byte_identical() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let all = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{all}");
-    for f in ["vmlinuz64", "boot2podman.gz", "boot2podman.lz4"] {
+    for f in ["vmlinuz64", "vmlinux", "boot2podman.gz", "boot2podman.lz4"] {
         assert!(stdout.contains(&format!("reproducible: {f} ")), "{all}");
     }
     assert!(!stdout.contains("NOT reproducible"), "{all}");

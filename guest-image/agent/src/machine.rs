@@ -17,6 +17,9 @@ use serde_json::{json, Map, Value};
 use crate::podman::rest::PodmanService;
 use crate::protocol::VarlinkError;
 
+/// How often `wait_milestone` reads the milestones file.
+const MILESTONE_POLL: Duration = Duration::from_millis(50);
+
 /// Where the machine's files are and how it powers off.
 pub struct MachineConfig {
     pub milestones: PathBuf,
@@ -135,6 +138,28 @@ impl Machine {
         }
     }
 
+    /// Whether the init's milestones file names `name` yet.
+    pub fn init_reached(&self, name: &str) -> bool {
+        std::fs::read_to_string(&self.cfg.milestones)
+            .map(|t| parse_milestones(&t).iter().any(|(n, _)| n == name))
+            .unwrap_or(false)
+    }
+
+    /// Waits until the init's milestones file names `name`, at most
+    /// `limit`; says whether it did.
+    pub async fn wait_milestone(&self, name: &str, limit: Duration) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            if self.init_reached(name) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(MILESTONE_POLL).await;
+        }
+    }
+
     fn data_disk(&self) -> Value {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         match find_mount(&mountinfo, &self.cfg.data_mount) {
@@ -217,6 +242,47 @@ impl Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn waits_for_the_inits_milestone_and_gives_up_at_the_limit() {
+        let path =
+            std::env::temp_dir().join(format!("b2p-agent-milestones-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let m = Machine::new(MachineConfig {
+            milestones: path.clone(),
+            data_mount: "/nonexistent".into(),
+            shutdown_command: vec![],
+        });
+        // No file: it gives up at the limit, not before.
+        let t = std::time::Instant::now();
+        assert!(
+            !m.wait_milestone("busybox-image", Duration::from_millis(200))
+                .await
+        );
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        // The init appends the line later: the wait sees it.
+        std::fs::write(&path, "init 0.4\n").unwrap();
+        let writer = {
+            let path = path.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                std::fs::write(&path, "init 0.4\nbusybox-image 2.1\n").unwrap();
+            })
+        };
+        let t = std::time::Instant::now();
+        assert!(
+            m.wait_milestone("busybox-image", Duration::from_secs(10))
+                .await
+        );
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        writer.await.unwrap();
+        // A name is matched whole.
+        assert!(
+            !m.wait_milestone("busybox", Duration::from_millis(100))
+                .await
+        );
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn milestones_file() {

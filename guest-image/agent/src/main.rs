@@ -73,6 +73,11 @@ struct Args {
     /// ports once it answers (at most a minute later).
     #[arg(long)]
     podman_at_start: bool,
+    /// With --podman-at-start, also wait (within the same minute) for the
+    /// init's boot milestone NAME (e.g. busybox-image) before opening the
+    /// ports, while Podman's service starts.
+    #[arg(long, value_name = "NAME", requires = "podman_at_start")]
+    wait_milestone: Option<String>,
     /// The init's boot milestones file (`NAME UPTIME` lines).
     #[arg(long, default_value = "/run/b2p/milestones")]
     milestones: PathBuf,
@@ -120,14 +125,31 @@ async fn run(args: Args) -> Result<()> {
         // reaches a Podman that answers. A Podman that does not come up
         // does not keep the agent (status, Shutdown) away for long.
         info!("starting podman's service before listening");
-        tokio::select! {
-            r = agent.podman().warm_up(PODMAN_START_WAIT) => match r {
+        let podman = async {
+            match agent.podman().warm_up(PODMAN_START_WAIT).await {
                 Ok(()) => {
                     agent.machine().milestone("podman-ready");
                     info!("podman answers");
                 }
                 Err(e) => warn!("podman's service is not ready ({e}); listening anyway"),
-            },
+            }
+        };
+        let init = async {
+            let Some(name) = &args.wait_milestone else {
+                return;
+            };
+            if agent
+                .machine()
+                .wait_milestone(name, PODMAN_START_WAIT)
+                .await
+            {
+                info!("the init reached {name}");
+            } else {
+                warn!("the init did not reach {name} in a minute; listening anyway");
+            }
+        };
+        tokio::select! {
+            _ = async { tokio::join!(podman, init) } => {}
             _ = term.recv() => return stop(&agent, &[], "SIGTERM").await,
             _ = int.recv() => return stop(&agent, &[], "SIGINT").await,
         }
