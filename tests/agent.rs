@@ -334,6 +334,19 @@ exec chroot "$R" /usr/bin/b2p-agent --unix /b2p-test/varlink.sock \
         serde_json::from_slice(&buf[..buf.len() - 1]).unwrap()
     }
 
+    /// io.b2p.Machine.GetStatus: the whole reply and its milestones' names
+    /// in the order it gives them (by time).
+    fn milestones(&self) -> (serde_json::Value, Vec<String>) {
+        let r = self.call("io.b2p.Machine.GetStatus", "{}");
+        let names = r["parameters"]["status"]["milestones"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["name"].as_str().map(str::to_string))
+            .collect();
+        (r, names)
+    }
+
     fn rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.agent.id())).ok()?;
         status
@@ -413,15 +426,9 @@ fn check_agent(fx: &Fixture, image: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
     // The milestones of the init file come back in order, with the agent's.
-    let r = fx.call("io.b2p.Machine.GetStatus", "{}");
-    let names: Vec<&str> = r["parameters"]["status"]["milestones"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["name"].as_str())
-        .collect();
+    let (r, names) = fx.milestones();
     assert_eq!(names[..2], ["kernel", "init"], "{r}");
-    assert!(names.contains(&"agent-listening"), "{r}");
+    assert!(names.iter().any(|n| n == "agent-listening"), "{r}");
 
     // A stock podman client through the agent's REST forwarder.
     let url = format!("unix://{}", fx.forward().display());
@@ -511,14 +518,8 @@ fn wait_milestone_keeps_the_ports_shut_until_the_init_gets_there() {
         "{}",
         fx.log()
     );
-    let st = fx.call("io.b2p.Machine.GetStatus", "{}");
-    let names: Vec<&str> = st["parameters"]["status"]["milestones"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["name"].as_str())
-        .collect();
-    let at = |n: &str| names.iter().position(|m| *m == n);
+    let (st, names) = fx.milestones();
+    let at = |n: &str| names.iter().position(|m| m == n);
     assert!(
         at("busybox-image").is_some() && at("busybox-image") < at("agent-listening"),
         "{st}"
@@ -541,16 +542,9 @@ fn podman_at_start_answers_before_the_agent_listens() {
     let v = fx.call("io.podman.GetVersion", "{}");
     let first = t1.elapsed();
     assert!(v["parameters"]["version"].is_string(), "{v}");
-    let st = fx.call("io.b2p.Machine.GetStatus", "{}");
-    let status = &st["parameters"]["status"];
-    assert_eq!(status["podman_ready"], true, "{st}");
-    let names: Vec<&str> = status["milestones"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["name"].as_str())
-        .collect();
-    let at = |n: &str| names.iter().position(|m| *m == n);
+    let (st, names) = fx.milestones();
+    assert_eq!(st["parameters"]["status"]["podman_ready"], true, "{st}");
+    let at = |n: &str| names.iter().position(|m| m == n);
     assert!(
         at("podman-ready").is_some() && at("podman-ready") < at("agent-listening"),
         "{st}"
