@@ -5,7 +5,8 @@
 //! it when the port goes away, and joins each accepted connection to the
 //! guest through vsock port [`RELAY_PORT`] (`TCP <hostport>\n`, then bytes
 //! both ways, end of file passed on as a half-close). A host port already
-//! taken is one log line (and an `error` in ports.json); the others work.
+//! taken is one log line (and an `error` in ports.json); the others work,
+//! and the taken one is tried again every [`RETRY_EVERY`] until it is free.
 //! The guest is untrusted: at most [`MAX_PORTS`] ports and
 //! [`MAX_CONNECTIONS`] connections at once, replies capped in size, the
 //! lines it makes us log rate-limited ([`LOG_BURST`] a minute), and its
@@ -53,6 +54,8 @@ const MAX_REPLY: usize = 4 << 20;
 /// are counted and the count logged when the window turns.
 pub const LOG_BURST: u32 = 8;
 const LOG_WINDOW: Duration = Duration::from_secs(60);
+/// How often a host port that was taken is tried again.
+pub const RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// A rate limit for the log lines the guest can cause.
 struct LogBudget {
@@ -122,6 +125,8 @@ struct Forward {
     container_port: u64,
     container: String,
     listening: Vec<SocketAddr>,
+    /// Addresses another program held (EADDRINUSE): tried again.
+    taken: Vec<SocketAddr>,
     error: Option<String>,
     stop: Arc<AtomicBool>,
     fds: Vec<i32>,
@@ -190,21 +195,36 @@ impl Forwarder {
         let mut w = stream.try_clone().map_err(|e| e.to_string())?;
         w.write_all(b"{\"method\":\"io.b2p.Machine.WatchPorts\",\"more\":true}\0")
             .map_err(|e| e.to_string())?;
-        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+        // Woken every RETRY_EVERY to try the taken host ports again; a
+        // reply cut by the wake-up goes on in the same buffer.
+        stream
+            .set_read_timeout(Some(RETRY_EVERY))
+            .map_err(|e| e.to_string())?;
         let mut r = BufReader::new(stream);
+        let mut buf = Vec::new();
         loop {
-            let mut buf = Vec::new();
-            let n = (&mut r)
-                .take(MAX_REPLY as u64)
-                .read_until(0, &mut buf)
-                .map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("closed".into());
+            let room = MAX_REPLY.saturating_sub(buf.len()) as u64;
+            match (&mut r).take(room).read_until(0, &mut buf) {
+                Ok(0) => return Err("closed".into()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    self.retry_taken();
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
             }
             if buf.pop() != Some(0) {
                 return Err("reply too long or cut".into());
             }
             let reply: Value = serde_json::from_slice(&buf).map_err(|e| e.to_string())?;
+            buf.clear();
             if let Some(err) = reply.get("error").and_then(Value::as_str) {
                 return Err(format!("the agent answered {err}"));
             }
@@ -308,8 +328,9 @@ impl Forwarder {
             container_port,
             container,
             listening: Vec::new(),
+            taken: Vec::new(),
             error: None,
-            stop: stop.clone(),
+            stop,
             fds: Vec::new(),
         };
         let addrs = match addrs {
@@ -324,36 +345,58 @@ impl Forwarder {
         let wildcard = addrs.len() > 1;
         for ip in addrs {
             let addr = SocketAddr::new(ip, port);
-            let l = match TcpListener::bind(addr) {
-                Ok(l) => l,
+            match listen(&mut f, addr, &self.uds, &self.connections) {
+                Ok(()) => {}
                 // A host without IPv6 on its loopback.
                 Err(e)
                     if wildcard
                         && addr.is_ipv6()
-                        && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
-                {
-                    continue
-                }
-                Err(e) => {
-                    let msg = format!("host port {addr} is not free ({e}): not forwarded");
+                        && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    let msg =
+                        format!("host port {addr} is not free ({e}): not forwarded until it is");
                     self.log.note(&msg);
                     f.error.get_or_insert(msg);
-                    continue;
+                    f.taken.push(addr);
                 }
-            };
-            f.fds.push(l.as_raw_fd());
-            f.listening.push(addr);
-            let (uds, stop, conns) = (self.uds.clone(), stop.clone(), self.connections.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("b2p-port{port}"))
-                .spawn(move || accept_loop(l, port, uds, stop, conns));
-            if let Err(e) = spawned {
-                note!("no thread for {addr}: {e}");
-                f.fds.pop();
-                f.listening.pop();
+                Err(e) => {
+                    let msg = format!("host port {addr}: {e}: not forwarded");
+                    self.log.note(&msg);
+                    f.error.get_or_insert(msg);
+                }
             }
         }
         f
+    }
+
+    /// Tries the taken host addresses again; those now free are forwarded
+    /// (one log line each) and ports.json says so.
+    fn retry_taken(&mut self) {
+        let mut changed = false;
+        for f in self.ports.values_mut() {
+            if f.taken.is_empty() {
+                continue;
+            }
+            for addr in std::mem::take(&mut f.taken) {
+                match listen(f, addr, &self.uds, &self.connections) {
+                    Ok(()) => {
+                        self.log
+                            .note(&format!("host port {addr} is free now: forwarded"));
+                        changed = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => f.taken.push(addr),
+                    Err(e) => self
+                        .log
+                        .note(&format!("host port {addr}: {e}: not forwarded")),
+                }
+            }
+            if f.taken.is_empty() && !f.listening.is_empty() {
+                f.error = None;
+            }
+        }
+        if changed {
+            self.write_state();
+        }
     }
 
     fn write_state(&self) {
@@ -376,6 +419,29 @@ impl Forwarder {
             note!("writing ports.json: {e}");
         }
     }
+}
+
+/// Binds `addr` for `f` and starts its accept thread.
+fn listen(
+    f: &mut Forward,
+    addr: SocketAddr,
+    uds: &Path,
+    conns: &Arc<AtomicUsize>,
+) -> std::io::Result<()> {
+    let l = TcpListener::bind(addr)?;
+    let fd = l.as_raw_fd();
+    let (uds, stop, conns, port) = (
+        uds.to_path_buf(),
+        f.stop.clone(),
+        conns.clone(),
+        addr.port(),
+    );
+    std::thread::Builder::new()
+        .name(format!("b2p-port{port}"))
+        .spawn(move || accept_loop(l, port, uds, stop, conns))?;
+    f.fds.push(fd);
+    f.listening.push(addr);
+    Ok(())
 }
 
 fn accept_loop(

@@ -11,7 +11,8 @@
 //! it; a HOSTIP that is not loopback or wildcard is refused with a log line
 //! and an error in ports.json; `0.0.0.0` and empty mean the host's
 //! 127.0.0.1 (and [::1]), never the host's wildcard; `127.0.0.1` and
-//! `127.0.0.2` are those addresses alone.
+//! `127.0.0.2` are those addresses alone; a host port another program holds
+//! is forwarded once it lets it go.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -38,7 +39,8 @@ impl Drop for Kill {
 /// (the most recent call; earlier ones are held open); relay connections
 /// record the port they name and echo what follows.
 struct FakeAgent {
-    sets: mpsc::Sender<Vec<Value>>,
+    /// A set, and a pause to make in the middle of writing it.
+    sets: mpsc::Sender<(Vec<Value>, Duration)>,
     relayed: Arc<Mutex<Vec<String>>>,
 }
 
@@ -54,13 +56,13 @@ fn read_line(s: &mut UnixStream) -> String {
 impl FakeAgent {
     fn start(uds: &Path) -> FakeAgent {
         let l = UnixListener::bind(uds).expect("binding the fake hybrid socket");
-        let (tx, rx) = mpsc::channel::<Vec<Value>>();
+        let (tx, rx) = mpsc::channel::<(Vec<Value>, Duration)>();
         let relayed = Arc::new(Mutex::new(Vec::new()));
         let watcher: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         {
             let watcher = watcher.clone();
             std::thread::spawn(move || {
-                for set in rx {
+                for (set, pause) in rx {
                     // Wait for the forwarder's call.
                     let t = Instant::now();
                     while watcher.lock().unwrap().is_none() && t.elapsed() < Duration::from_secs(20)
@@ -72,8 +74,14 @@ impl FakeAgent {
                     )
                     .unwrap();
                     msg.push(0);
-                    if let Some(w) = watcher.lock().unwrap().as_mut() {
-                        w.write_all(&msg).expect("writing the WatchPorts reply");
+                    let (a, b) = msg.split_at(msg.len() / 2);
+                    for (i, part) in [a, b].into_iter().enumerate() {
+                        if i == 1 {
+                            std::thread::sleep(pause);
+                        }
+                        if let Some(w) = watcher.lock().unwrap().as_mut() {
+                            w.write_all(part).expect("writing the WatchPorts reply");
+                        }
                     }
                 }
             });
@@ -118,7 +126,12 @@ impl FakeAgent {
     }
 
     fn send(&self, set: Vec<Value>) {
-        self.sets.send(set).unwrap();
+        self.sets.send((set, Duration::ZERO)).unwrap();
+    }
+
+    /// Sends `set` in two halves `pause` apart.
+    fn send_slowly(&self, set: Vec<Value>, pause: Duration) {
+        self.sets.send((set, pause)).unwrap();
     }
 }
 
@@ -399,4 +412,65 @@ fn a_hostip_that_is_not_local_is_refused() {
     for gone in [p[0], p[2], p[4]] {
         assert!(!listens(v4([127, 0, 0, 1], gone)) && !listens(v4([127, 0, 0, 2], gone)));
     }
+}
+
+/// A host port another program holds when the guest publishes it: one log
+/// line and an error in ports.json, then it is forwarded once that program
+/// lets it go (tried again every 2 s), and the error goes.
+#[test]
+fn a_taken_host_port_is_forwarded_once_it_is_free() {
+    let port = (30000..31000u16)
+        .find(|&p| free(v4([127, 0, 0, 1], p)))
+        .expect("a free port in 30000..31000");
+    let holder = TcpListener::bind(v4([127, 0, 0, 1], port)).unwrap();
+    let mut rig = Rig::new("taken");
+    rig.agent.send(vec![record("127.0.0.1", port)]);
+    let state = rig.wait_state(1);
+    assert!(
+        state[0]["error"]
+            .as_str()
+            .is_some_and(|s| s.contains("not free")),
+        "{state:?}"
+    );
+    assert_eq!(state[0]["listening"], json!([]), "{state:?}");
+    // Still taken a few retries later: still one line about it.
+    std::thread::sleep(Duration::from_secs(5));
+    let lines = |log: &str, what: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("127.0.0.1:{port}")) && l.contains(what))
+            .count()
+    };
+    assert_eq!(lines(&rig.log(), "not free"), 1, "{}", rig.log());
+    drop(holder);
+    let t = Instant::now();
+    while rig.state()[0]["listening"] != json!([format!("127.0.0.1:{port}")]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}\n{}",
+            rig.state(),
+            rig.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "FIGURES: a freed host port was forwarded {:?} after it was freed",
+        t.elapsed()
+    );
+    assert_eq!(rig.state()[0]["error"], Value::Null);
+    assert_eq!(echo_through(port), "ping");
+    assert_eq!(lines(&rig.log(), "is free now"), 1, "{}", rig.log());
+
+    // A reply that comes in two halves 3 s apart, across the forwarder's
+    // 2 s wake-up to retry taken ports, is still one reply.
+    let second = (port + 1..31000u16)
+        .find(|&p| free(v4([127, 0, 0, 1], p)))
+        .expect("a second free port");
+    rig.agent.send_slowly(
+        vec![record("127.0.0.1", port), record("127.0.0.1", second)],
+        Duration::from_secs(3),
+    );
+    let state = rig.wait_state(2);
+    assert!(listens(v4([127, 0, 0, 1], second)), "{state:?}");
+    assert_eq!(echo_through(second), "ping");
+    assert!(!rig.log().contains("WatchPorts ended"), "{}", rig.log());
 }
