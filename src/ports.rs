@@ -125,11 +125,23 @@ struct Forward {
     container_port: u64,
     container: String,
     listening: Vec<SocketAddr>,
-    /// Addresses another program held (EADDRINUSE): tried again.
-    taken: Vec<SocketAddr>,
-    error: Option<String>,
+    /// Addresses another program held (EADDRINUSE), with that error:
+    /// tried again.
+    taken: Vec<(SocketAddr, String)>,
+    /// The first error that no retry mends (a refused HOSTIP, EACCES).
+    failed: Option<String>,
     stop: Arc<AtomicBool>,
     fds: Vec<i32>,
+}
+
+impl Forward {
+    /// What ports.json says went wrong: a lasting error first, else the
+    /// first address still taken.
+    fn error(&self) -> Option<&str> {
+        self.failed
+            .as_deref()
+            .or_else(|| self.taken.first().map(|(_, msg)| msg.as_str()))
+    }
 }
 
 impl Drop for Forward {
@@ -155,6 +167,8 @@ pub struct Forwarder {
     log: LogBudget,
     /// Whether the current WatchPorts call has answered.
     following: bool,
+    /// When the taken host ports were last tried again.
+    last_retry: Instant,
 }
 
 impl Forwarder {
@@ -169,6 +183,7 @@ impl Forwarder {
             capped: false,
             log: LogBudget::new(),
             following: false,
+            last_retry: Instant::now(),
         }
     }
 
@@ -210,9 +225,7 @@ impl Forwarder {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
                     self.retry_taken();
@@ -235,6 +248,9 @@ impl Forwarder {
                 .unwrap_or_default();
             self.following = true;
             self.apply(&list);
+            // A guest that answers more often than RETRY_EVERY does not
+            // keep the taken ports from their retry.
+            self.retry_taken();
             if reply.get("continues").and_then(Value::as_bool) != Some(true) {
                 return Ok(());
             }
@@ -329,7 +345,7 @@ impl Forwarder {
             container,
             listening: Vec::new(),
             taken: Vec::new(),
-            error: None,
+            failed: None,
             stop,
             fds: Vec::new(),
         };
@@ -338,7 +354,7 @@ impl Forwarder {
             Err(why) => {
                 let msg = format!("host port {port}: {why}");
                 self.log.note(&msg);
-                f.error = Some(msg);
+                f.failed = Some(msg);
                 return f;
             }
         };
@@ -356,42 +372,45 @@ impl Forwarder {
                     let msg =
                         format!("host port {addr} is not free ({e}): not forwarded until it is");
                     self.log.note(&msg);
-                    f.error.get_or_insert(msg);
-                    f.taken.push(addr);
+                    f.taken.push((addr, msg));
                 }
                 Err(e) => {
                     let msg = format!("host port {addr}: {e}: not forwarded");
                     self.log.note(&msg);
-                    f.error.get_or_insert(msg);
+                    f.failed.get_or_insert(msg);
                 }
             }
         }
         f
     }
 
-    /// Tries the taken host addresses again; those now free are forwarded
-    /// (one log line each) and ports.json says so.
+    /// Tries the taken host addresses again, at most every
+    /// [`RETRY_EVERY`]; those now free are forwarded (one log line each)
+    /// and ports.json says so.
     fn retry_taken(&mut self) {
+        if self.last_retry.elapsed() < RETRY_EVERY {
+            return;
+        }
+        self.last_retry = Instant::now();
         let mut changed = false;
         for f in self.ports.values_mut() {
-            if f.taken.is_empty() {
-                continue;
-            }
-            for addr in std::mem::take(&mut f.taken) {
+            for (addr, msg) in std::mem::take(&mut f.taken) {
                 match listen(f, addr, &self.uds, &self.connections) {
                     Ok(()) => {
                         self.log
                             .note(&format!("host port {addr} is free now: forwarded"));
                         changed = true;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => f.taken.push(addr),
-                    Err(e) => self
-                        .log
-                        .note(&format!("host port {addr}: {e}: not forwarded")),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                        f.taken.push((addr, msg))
+                    }
+                    Err(e) => {
+                        let msg = format!("host port {addr}: {e}: not forwarded");
+                        self.log.note(&msg);
+                        f.failed.get_or_insert(msg);
+                        changed = true;
+                    }
                 }
-            }
-            if f.taken.is_empty() && !f.listening.is_empty() {
-                f.error = None;
             }
         }
         if changed {
@@ -409,7 +428,7 @@ impl Forwarder {
                        "container_port": f.container_port,
                        "container": f.container,
                        "listening": f.listening.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                       "error": f.error})
+                       "error": f.error()})
             })
             .collect();
         let mut text = json!({ "ports": list }).to_string();
